@@ -23,7 +23,7 @@ _C.BASE = [""]
 # ----------------------------------------------------------------------------- data
 _C.DATA = CN()
 _C.DATA.BATCH_SIZE = 128  # per GPU / process
-_C.DATA.DATA_PATH = ""
+_C.DATA.DATA_PATH = ""  # digits: where the image folder is written (default ~/.cache/crossformer/digits)
 _C.DATA.DATASET = "imagenet"  # imagenet (any image folder), digits, fake
 _C.DATA.IMG_SIZE = 224
 _C.DATA.INTERPOLATION = "bicubic"  # random, bilinear, bicubic
@@ -32,7 +32,6 @@ _C.DATA.CACHE_MODE = "part"  # no, full, part (zip mode only)
 _C.DATA.PIN_MEMORY = True
 _C.DATA.NUM_WORKERS = 8
 _C.DATA.FAKE_SIZE = 1024  # images per split of the 'fake' dataset
-_C.DATA.MAX_BAD_IMAGE_FRACTION = 0.001  # share of unreadable images skipped before a run stops
 
 # ----------------------------------------------------------------------------- model
 _C.MODEL = CN()
