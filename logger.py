@@ -1,0 +1,102 @@
+"""Run logs: a text log per rank, per-epoch metrics as JSON lines, optional TensorBoard scalars."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Any, Protocol
+
+from termcolor import colored
+
+FILE_FORMAT = "[%(asctime)s %(name)s] (%(filename)s %(lineno)d): %(levelname)s %(message)s"
+DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+METRICS_FILE = "metrics.jsonl"
+
+_logger = logging.getLogger(__name__)
+
+
+def create_logger(output_dir: str, dist_rank: int = 0, name: str = "") -> logging.Logger:
+    """Logger ``crossformer[.name]`` writing to ``output_dir/log_rank{dist_rank}.txt`` (appended).
+
+    Rank 0 also prints INFO and above to stdout. Calling again replaces (and closes) the
+    handlers of an earlier call with the same name.
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    logger = logging.getLogger(f"crossformer.{name}" if name else "crossformer")
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+
+    if dist_rank == 0:
+        console = logging.StreamHandler(sys.stdout)
+        console.setLevel(logging.INFO)
+        prefix = colored("[%(asctime)s %(name)s]", "green") + " " + colored(
+            "(%(filename)s %(lineno)d)", "yellow")
+        console.setFormatter(logging.Formatter(prefix + ": %(levelname)s %(message)s",
+                                               datefmt=DATE_FORMAT))
+        logger.addHandler(console)
+
+    log_file = logging.FileHandler(os.path.join(output_dir, f"log_rank{dist_rank}.txt"),
+                                   mode="a", encoding="utf-8")
+    log_file.setLevel(logging.DEBUG)
+    log_file.setFormatter(logging.Formatter(FILE_FORMAT, datefmt=DATE_FORMAT))
+    logger.addHandler(log_file)
+    return logger
+
+
+def _json_scalar(value: Any) -> Any:
+    """Tensors and numpy numbers with one element as plain Python numbers."""
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+class JsonLinesWriter:
+    """Appends one JSON object per line to ``output_dir/metrics.jsonl``; other ranks do nothing."""
+
+    def __init__(self, output_dir: str, dist_rank: int = 0) -> None:
+        self.path = os.path.join(output_dir, METRICS_FILE)
+        self.enabled = dist_rank == 0
+        if self.enabled:
+            os.makedirs(output_dir, exist_ok=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append ``record`` (e.g. one epoch's metrics) as one line; the file is closed after it."""
+        if not self.enabled:
+            return
+        line = json.dumps(record, default=_json_scalar)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+
+class ScalarWriter(Protocol):
+    """The part of TensorBoard's SummaryWriter the training loop uses."""
+
+    def add_scalar(self, tag: str, scalar_value: float, global_step: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class NullScalarWriter:
+    """A ScalarWriter that drops everything (TensorBoard off, missing, or not rank 0)."""
+
+    def add_scalar(self, tag: str, scalar_value: float, global_step: int) -> None:
+        """Ignore the scalar."""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+def create_scalar_writer(output_dir: str, enabled: bool) -> ScalarWriter:
+    """TensorBoard writer for ``output_dir/tensorboard`` when enabled and installed, else a no-op."""
+    if not enabled:
+        return NullScalarWriter()
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        _logger.warning("tensorboard is not installed: no TensorBoard scalars are written")
+        return NullScalarWriter()
+    return SummaryWriter(log_dir=os.path.join(output_dir, "tensorboard"))
