@@ -1,0 +1,50 @@
+"""``build_model(config)``: the model named by MODEL.TYPE, with the MODEL.CROS settings."""
+from __future__ import annotations
+
+from yacs.config import CfgNode
+
+from config import UserError
+from models.crossformer import CrossFormer
+
+
+def _cross_scale(config: CfgNode) -> CrossFormer:
+    cros = config.MODEL.CROS
+    return CrossFormer(
+        img_size=config.DATA.IMG_SIZE,
+        patch_size=cros.PATCH_SIZE,
+        in_chans=cros.IN_CHANS,
+        num_classes=config.MODEL.NUM_CLASSES,
+        embed_dim=cros.EMBED_DIM,
+        depths=cros.DEPTHS,
+        num_heads=cros.NUM_HEADS,
+        group_size=cros.GROUP_SIZE,
+        interval=cros.INTERVAL,
+        mlp_ratio=cros.MLP_RATIO,
+        qkv_bias=cros.QKV_BIAS,
+        qk_scale=cros.QK_SCALE,
+        drop_rate=config.MODEL.DROP_RATE,
+        drop_path_rate=config.MODEL.DROP_PATH_RATE,
+        ape=cros.APE,
+        patch_norm=cros.PATCH_NORM,
+        use_checkpoint=config.TRAIN.USE_CHECKPOINT,
+        merge_size=cros.MERGE_SIZE,
+        group_type=cros.GROUP_TYPE,
+        use_acl=cros.USE_ACL,
+        pad_type=cros.PAD_TYPE,
+        no_mask=cros.NO_MASK,
+    )
+
+
+MODEL_TYPES = {"cross-scale": _cross_scale}
+
+
+def build_model(config: CfgNode) -> CrossFormer:
+    """Build the model of ``config``; bad settings raise :class:`config.UserError`."""
+    if config.MODEL.TYPE not in MODEL_TYPES:
+        raise UserError(f"unknown MODEL.TYPE {config.MODEL.TYPE!r}; known types: {', '.join(MODEL_TYPES)}")
+    try:
+        model = MODEL_TYPES[config.MODEL.TYPE](config)
+        model.stage_sizes(config.DATA.IMG_SIZE, config.DATA.IMG_SIZE)
+    except ValueError as err:
+        raise UserError(f"model {config.MODEL.NAME}: {err}") from err
+    return model

@@ -1,0 +1,433 @@
+"""CrossFormer (ICLR 2022) and CrossFormer++ (TPAMI) in one model class.
+
+Embeddings travel between layers as channels-last maps ``(B, H, W, C)``. A block groups them,
+attends inside each group with a dynamic position bias, and puts them back:
+
+* SDA (short distance): groups of ``G x G`` adjacent embeddings.
+* LDA (long distance): inside every ``(G*I) x (G*I)`` region, the embeddings ``I`` apart form a group.
+
+The map is zero-padded to a multiple of the region size; padded embeddings are masked out as keys
+and cut off afterwards. A block whose map is no larger than ``G`` attends over the whole map (SDA
+with ``G = min(H, W)``). At the configured image size this reproduces the official models exactly.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp, trunc_normal_
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+# Score given to padded keys. Finite, so a group made only of padding yields a uniform softmax
+# (its outputs are cut off) instead of NaN; small enough for float16.
+PADDED_KEY_SCORE = -1e4
+GROUP_TYPES = ("constant",)
+
+
+def cross_scale_channels(out_dim: int, num_kernels: int) -> list[int]:
+    """Output channels of each kernel of a cross-scale layer: half for the smallest kernel, a
+    quarter for the next and so on; the largest kernel gets as many as the one before it."""
+    return [out_dim // 2 ** min(i + 1, num_kernels - 1) for i in range(num_kernels)]
+
+
+def cross_scale_convs(in_dim: int, out_dim: int, kernel_sizes: Sequence[int], stride: int) -> nn.ModuleList:
+    """Convolutions of several kernel sizes, same stride, centred so all outputs align."""
+    return nn.ModuleList(
+        nn.Conv2d(in_dim, channels, kernel, stride=stride, padding=(kernel - stride) // 2)
+        for channels, kernel in zip(cross_scale_channels(out_dim, len(kernel_sizes)), kernel_sizes)
+    )
+
+
+def conv_output_size(size: int, kernel_sizes: Sequence[int], stride: int) -> int:
+    """Spatial size after a cross-scale layer (all its kernels give the same size); <= 0 if too small."""
+    kernel = kernel_sizes[0]
+    return (size + 2 * ((kernel - stride) // 2) - kernel) // stride + 1
+
+
+class PatchEmbed(nn.Module):
+    """Cross-scale embedding of the image: ``(B, 3, H, W)`` -> ``(B, H/s, W/s, C)``."""
+
+    def __init__(self, patch_size: Sequence[int], in_chans: int, embed_dim: int, patch_norm: bool):
+        super().__init__()
+        self.patch_size = list(patch_size)
+        self.projs = cross_scale_convs(in_chans, embed_dim, patch_size, stride=patch_size[0])
+        self.norm = nn.LayerNorm(embed_dim) if patch_norm else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.cat([proj(x) for proj in self.projs], dim=1).permute(0, 2, 3, 1)
+        return self.norm(x) if self.norm is not None else x
+
+
+class PatchMerging(nn.Module):
+    """Cross-scale embedding between stages: ``(B, H, W, C)`` -> ``(B, H/2, W/2, 2C)``."""
+
+    def __init__(self, dim: int, kernel_sizes: Sequence[int]):
+        super().__init__()
+        self.kernel_sizes = list(kernel_sizes)
+        self.norm = nn.LayerNorm(dim)
+        self.reductions = cross_scale_convs(dim, 2 * dim, kernel_sizes, stride=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.norm(x).permute(0, 3, 1, 2)
+        return torch.cat([reduce(x) for reduce in self.reductions], dim=1).permute(0, 2, 3, 1)
+
+
+def group_embeddings(x: Tensor, group: int, interval: int) -> Tensor:
+    """``(B, Hp, Wp, C)`` -> ``(B, num_groups, group*group, C)``.
+
+    Each ``(group*interval)``-sized region splits into ``interval**2`` groups of embeddings that
+    lie ``interval`` apart; ``interval == 1`` gives groups of adjacent embeddings (SDA).
+    """
+    B, Hp, Wp, C = x.shape
+    span = group * interval
+    x = x.view(B, Hp // span, group, interval, Wp // span, group, interval, C)
+    return x.permute(0, 1, 3, 4, 6, 2, 5, 7).reshape(B, -1, group * group, C)
+
+
+def ungroup_embeddings(x: Tensor, group: int, interval: int, Hp: int, Wp: int) -> Tensor:
+    """Inverse of :func:`group_embeddings`: ``(B, num_groups, group*group, C)`` -> ``(B, Hp, Wp, C)``."""
+    B, C = x.shape[0], x.shape[-1]
+    span = group * interval
+    x = x.view(B, Hp // span, interval, Wp // span, interval, group, group, C)
+    return x.permute(0, 1, 5, 2, 3, 6, 4, 7).reshape(B, Hp, Wp, C)
+
+
+@lru_cache(maxsize=64)
+def relative_offsets(group: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """All relative offsets ``(dy, dx)`` inside a ``group x group`` grid, as a float table of
+    ``(2*group - 1)**2`` rows, and for each (query, key) pair the row of its offset."""
+    span = torch.arange(1 - group, group, device=device)
+    table = torch.stack(torch.meshgrid(span, span, indexing="ij"), dim=-1).reshape(-1, 2).float()
+    coords = torch.stack(torch.meshgrid(torch.arange(group, device=device), torch.arange(group, device=device),
+                                        indexing="ij")).flatten(1)
+    delta = (coords[:, :, None] - coords[:, None, :]) + group - 1
+    index = delta[0] * (2 * group - 1) + delta[1]
+    return table, index
+
+
+class DynamicPosBias(nn.Module):
+    """DPB: an MLP mapping a relative offset ``(dy, dx)`` to one attention bias per head."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.pos_dim = dim // 4
+        self.num_heads = num_heads
+        self.pos_proj = nn.Linear(2, self.pos_dim)
+        self.pos1 = self._layer(self.pos_dim)
+        self.pos2 = self._layer(self.pos_dim)
+        self.pos3 = self._layer(num_heads)
+
+    def _layer(self, out_dim: int) -> nn.Sequential:
+        return nn.Sequential(nn.LayerNorm(self.pos_dim), nn.ReLU(inplace=True), nn.Linear(self.pos_dim, out_dim))
+
+    def forward(self, offsets: Tensor) -> Tensor:
+        """``(..., 2)`` offsets -> ``(..., num_heads)`` biases."""
+        return self.pos3(self.pos2(self.pos1(self.pos_proj(offsets))))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention inside groups, with a dynamic position bias."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_scale: float | None = None,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = qk_scale or (dim // num_heads) ** -0.5
+        self.pos = DynamicPosBias(dim // 4, num_heads)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self._register_load_state_dict_pre_hook(self._drop_derivable_buffers)
+
+    @staticmethod
+    def _drop_derivable_buffers(state_dict: dict, prefix: str, *args) -> None:
+        # Checkpoints of the ICLR code store the DPB index tables; here they are derived.
+        for name in ("biases", "relative_position_index"):
+            state_dict.pop(prefix + name, None)
+
+    def position_bias(self, group: int) -> Tensor:
+        """``(num_heads, group**2, group**2)`` bias, from one DPB pass over all offsets."""
+        table, index = relative_offsets(group, self.qkv.weight.device)
+        return self.pos(table)[index].permute(2, 0, 1)
+
+    def attention_mask(self, group: int, padded_keys: Tensor | None, batch: int) -> Tensor:
+        """Additive mask for ``scaled_dot_product_attention``: the position bias, and padded keys
+        (``padded_keys``: ``(num_groups, group**2)``, True where padded) pushed to ``PADDED_KEY_SCORE``."""
+        bias = self.position_bias(group)
+        if padded_keys is None:
+            return bias.unsqueeze(0)
+        mask = bias.unsqueeze(0).masked_fill(padded_keys[:, None, None, :], PADDED_KEY_SCORE)
+        return mask.unsqueeze(0).expand(batch, -1, -1, -1, -1).flatten(0, 1)
+
+    def forward(self, x: Tensor, group: int, padded_keys: Tensor | None = None) -> Tensor:
+        """``x``: ``(B, num_groups, group**2, C)`` -> same shape."""
+        B, num_groups, N, C = x.shape
+        qkv = self.qkv(x).view(B * num_groups, N, 3, self.num_heads, C // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        mask = self.attention_mask(group, padded_keys, B).to(q.dtype)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
+                                           dropout_p=self.attn_drop if self.training else 0.0)
+        x = x.transpose(1, 2).reshape(B, num_groups, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+class CrossFormerBlock(nn.Module):
+    """Norm -> group -> attend -> ungroup -> residual -> MLP residual [-> activation cooling]."""
+
+    def __init__(self, dim: int, num_heads: int, group_size: int, interval: int, use_lda: bool,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = True, qk_scale: float | None = None,
+                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
+                 pad_type: int = 0, no_mask: bool = False, use_acl: bool = False):
+        super().__init__()
+        self.group_size = group_size
+        self.interval = interval
+        self.use_lda = use_lda
+        self.pad_type = pad_type
+        self.no_mask = no_mask
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias, qk_scale, attn_drop, drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
+        self.use_acl = use_acl
+        if use_acl:  # activation cooling layer
+            self.ex_conv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+            self.ex_ln = nn.LayerNorm(dim)
+
+    def grouping(self, H: int, W: int) -> tuple[int, int]:
+        """(group size, interval) used for an ``H x W`` map; interval 1 means SDA."""
+        if min(H, W) <= self.group_size:
+            return min(H, W), 1
+        return self.group_size, self.interval if self.use_lda else 1
+
+    def padding(self, H: int, W: int) -> tuple[int, int, int, int]:
+        """(top, bottom, left, right) zero rows/columns that make the map a multiple of a region."""
+        group, interval = self.grouping(H, W)
+        span = group * interval
+        pad_h, pad_w = -H % span, -W % span
+        top, left = (pad_h // 2, pad_w // 2) if self.pad_type == 1 else (0, 0)
+        return top, pad_h - top, left, pad_w - left
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, H, W, C)`` -> same shape."""
+        B, H, W, C = x.shape
+        group, interval = self.grouping(H, W)
+        top, bottom, left, right = self.padding(H, W)
+        shortcut = x
+        x = F.pad(self.norm1(x), (0, 0, left, right, top, bottom))
+        Hp, Wp = x.shape[1:3]
+        padded_keys = None
+        if (bottom or right or top or left) and not self.no_mask:
+            padded = torch.ones(1, Hp, Wp, 1, dtype=torch.bool, device=x.device)
+            padded[:, top:top + H, left:left + W] = False
+            padded_keys = group_embeddings(padded, group, interval)[0, :, :, 0]
+        x = self.attn(group_embeddings(x, group, interval), group, padded_keys)
+        x = ungroup_embeddings(x, group, interval, Hp, Wp)[:, top:top + H, left:left + W]
+        x = shortcut + self.drop_path(x)
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        if self.use_acl:
+            x = self.ex_ln(self.ex_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+        return x
+
+    def flops(self, H: int, W: int) -> int:
+        """Multiply-accumulates for an ``H x W`` map, counted like the official code: groups of
+        the unpadded map, and the DPB MLP once per query embedding; plus activation cooling."""
+        dim = self.norm1.normalized_shape[0]
+        tokens = self.grouping(H, W)[0] ** 2
+        pos_dim, heads = self.attn.pos.pos_dim, self.attn.num_heads
+        per_token = 4 * dim * dim + 2 * tokens * dim + 2 * pos_dim + 2 * pos_dim * pos_dim + pos_dim * heads
+        flops = 2 * dim * H * W + H * W * per_token + 2 * H * W * dim * self.mlp.fc1.out_features
+        if self.use_acl:
+            flops += H * W * dim * 9 + H * W * dim
+        return flops
+
+
+class Stage(nn.Module):
+    """Blocks alternating SDA and LDA, then an optional cross-scale patch merging."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int, group_size: int, interval: int,
+                 mlp_ratio: float, qkv_bias: bool, qk_scale: float | None, drop: float, attn_drop: float,
+                 drop_path: Sequence[float], merge_size: Sequence[int] | None, pad_type: int,
+                 no_mask: bool, use_acl: bool):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            CrossFormerBlock(dim, num_heads, group_size, interval, use_lda=i % 2 == 1, mlp_ratio=mlp_ratio,
+                             qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop, attn_drop=attn_drop,
+                             drop_path=drop_path[i], pad_type=pad_type, no_mask=no_mask,
+                             use_acl=use_acl and (i + 1) % 3 == 0 and i < depth - 1)
+            for i in range(depth)
+        )
+        self.downsample = PatchMerging(dim, merge_size) if merge_size else None
+        self.grad_checkpointing = False
+
+    def forward_blocks(self, x: Tensor) -> Tensor:
+        for block in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+
+class CrossFormer(nn.Module):
+    """CrossFormer / CrossFormer++ classifier; any input size at run time (``img_size`` only sets
+    the size for :meth:`flops` and the absolute position embedding)."""
+
+    def __init__(self, img_size: int | Sequence[int] = 224, patch_size: Sequence[int] = (4, 8, 16, 32),
+                 in_chans: int = 3, num_classes: int = 1000, embed_dim: int = 96,
+                 depths: Sequence[int] = (2, 2, 6, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
+                 group_size: Sequence[int] = (7, 7, 7, 7), interval: Sequence[int] = (8, 4, 2, 1),
+                 mlp_ratio: float | Sequence[float] = 4.0, qkv_bias: bool = True,
+                 qk_scale: float | None = None, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.1, ape: bool = False, patch_norm: bool = True,
+                 use_checkpoint: bool = False,
+                 merge_size: Sequence[Sequence[int]] = ((2, 4), (2, 4), (2, 4)),
+                 group_type: str = "constant", use_acl: bool = False, pad_type: int = 0,
+                 no_mask: bool = False):
+        super().__init__()
+        num_stages = len(depths)
+        for name, values in (("num_heads", num_heads), ("group_size", group_size), ("interval", interval)):
+            if len(values) != num_stages:
+                raise ValueError(f"{name} needs one value per stage ({num_stages}), got {list(values)}")
+        if len(merge_size) != num_stages - 1:
+            raise ValueError(f"merge_size needs {num_stages - 1} kernel lists, got {list(merge_size)}")
+        if group_type not in GROUP_TYPES:
+            raise ValueError(f"unknown group_type {group_type!r}; known: {', '.join(GROUP_TYPES)}")
+        if pad_type not in (0, 1):
+            raise ValueError(f"pad_type must be 0 or 1, got {pad_type}")
+        mlp_ratios = [mlp_ratio] * num_stages if isinstance(mlp_ratio, (int, float)) else list(mlp_ratio)
+        self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.num_classes = num_classes
+        self.num_features = embed_dim * 2 ** (num_stages - 1)
+
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, patch_norm)
+        self.absolute_pos_embed = None
+        if ape:
+            grid = self.stage_sizes(*self.img_size)[0]
+            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], embed_dim))
+            trunc_normal_(self.absolute_pos_embed, std=0.02)
+        self.pos_drop = nn.Dropout(drop_rate)
+        drop_paths = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.layers = nn.ModuleList(
+            Stage(embed_dim * 2 ** i, depths[i], num_heads[i], group_size[i], interval[i], mlp_ratios[i],
+                  qkv_bias, qk_scale, drop_rate, attn_drop_rate, drop_paths[sum(depths[:i]):sum(depths[:i + 1])],
+                  merge_size[i] if i < num_stages - 1 else None, pad_type, no_mask, use_acl)
+            for i in range(num_stages)
+        )
+        self.norm = nn.LayerNorm(self.num_features)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+        self.set_grad_checkpointing(use_checkpoint)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    # ------------------------------------------------------------------ sizes
+    def stage_sizes(self, H: int, W: int) -> list[tuple[int, int]]:
+        """Map size ``(h, w)`` of every stage for an ``H x W`` input; ValueError if too small."""
+        sizes = self._unchecked_stage_sizes(H, W)
+        if min(min(size) for size in sizes) < 1:
+            smallest = next(s for s in range(1, 4096) if min(self._unchecked_stage_sizes(s, s)[-1]) >= 1)
+            raise ValueError(f"input {H}x{W} is too small for this model: its last stage would have "
+                             f"{sizes[-1][0]}x{sizes[-1][1]} embeddings; use at least {smallest}x{smallest}")
+        return sizes
+
+    def _unchecked_stage_sizes(self, H: int, W: int) -> list[tuple[int, int]]:
+        kernels, stride = self.patch_embed.patch_size, self.patch_embed.patch_size[0]
+        sizes = [(conv_output_size(H, kernels, stride), conv_output_size(W, kernels, stride))]
+        for layer in self.layers[:-1]:
+            sizes.append(tuple(conv_output_size(s, layer.downsample.kernel_sizes, 2) for s in sizes[-1]))
+        return sizes
+
+    # ------------------------------------------------------------------ forward
+    def _embed(self, x: Tensor) -> Tensor:
+        self.stage_sizes(x.shape[-2], x.shape[-1])
+        x = self.patch_embed(x)
+        if self.absolute_pos_embed is not None:
+            x = x + self._resized_pos_embed(x.shape[1], x.shape[2])
+        return self.pos_drop(x)
+
+    def _resized_pos_embed(self, h: int, w: int) -> Tensor:
+        grid_h, grid_w = self.stage_sizes(*self.img_size)[0]
+        pos = self.absolute_pos_embed.view(1, grid_h, grid_w, -1)
+        if (h, w) != (grid_h, grid_w):
+            pos = F.interpolate(pos.permute(0, 3, 1, 2), size=(h, w), mode="bicubic",
+                                align_corners=False).permute(0, 2, 3, 1)
+        return pos
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """``(B, 3, H, W)`` image -> ``(B, h, w, num_features)`` normalised last-stage map."""
+        x = self._embed(x)
+        for layer in self.layers:
+            x = layer.forward_blocks(x)
+            if layer.downsample is not None:
+                x = layer.downsample(x)
+        return self.norm(x)
+
+    def forward_pyramid(self, x: Tensor) -> list[Tensor]:
+        """The output of every stage as an NCHW map, at strides 4, 8, 16, 32 (for detection and
+        segmentation heads); the last one is taken before the final norm."""
+        x = self._embed(x)
+        maps = []
+        for layer in self.layers:
+            x = layer.forward_blocks(x)
+            maps.append(x.permute(0, 3, 1, 2).contiguous())
+            if layer.downsample is not None:
+                x = layer.downsample(x)
+        return maps
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = x.mean(dim=(1, 2))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, 3, H, W)`` -> ``(B, num_classes)`` logits."""
+        return self.forward_head(self.forward_features(x))
+
+    # ------------------------------------------------------------------ utilities
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for layer in self.layers:
+            layer.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        return {"absolute_pos_embed"}
+
+    def no_weight_decay_keywords(self) -> set[str]:
+        return {"relative_position_bias_table"}
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def flops(self, img_size: int | Sequence[int] | None = None) -> int:
+        """Multiply-accumulates of one image at ``img_size`` (default: the configured size),
+        counted as the official code counts them, plus the activation-cooling layers it omits."""
+        H, W = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size or self.img_size)
+        sizes = self.stage_sizes(H, W)
+        h, w = sizes[0]
+        embed = self.patch_embed
+        embed_dim = sum(p.out_channels for p in embed.projs)
+        flops = sum(h * w * p.out_channels * p.in_channels * p.kernel_size[0] * p.kernel_size[1] for p in embed.projs)
+        flops += h * w * embed_dim if embed.norm is not None else 0
+        for layer, (h, w) in zip(self.layers, sizes):
+            flops += sum(block.flops(h, w) for block in layer.blocks)
+            if layer.downsample is not None:
+                merge = layer.downsample
+                flops += h * w * merge.norm.normalized_shape[0]
+                flops += sum((h // 2) * (w // 2) * r.kernel_size[0] * r.kernel_size[1] * r.out_channels * r.in_channels
+                             for r in merge.reductions)
+        flops += self.num_features * sizes[0][0] * sizes[0][1] // 2 ** len(self.layers)
+        flops += self.num_features * self.num_classes
+        return int(flops)

@@ -1,0 +1,208 @@
+"""The models against the official code: parity fixtures, state-dict layout, FLOPs, any input size."""
+import json
+import os
+
+import pytest
+import torch
+import yaml
+from yacs.config import CfgNode
+
+from config import UserError, get_default_config, load_config
+from models import CrossFormer, build_model
+from models.crossformer import Attention, CrossFormerBlock, group_embeddings, ungroup_embeddings
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+with open(os.path.join(FIXTURES, "official_models.json")) as f:
+    OFFICIAL = json.load(f)
+
+
+def fixture_model(name: str):
+    fixture = torch.load(os.path.join(FIXTURES, f"{name}.pt"), weights_only=True)
+    config = get_default_config()
+    config.merge_from_other_cfg(CfgNode(yaml.safe_load(fixture["config_yaml"])))
+    config.freeze()
+    return build_model(config).eval(), fixture
+
+
+def acl_flops(model: CrossFormer, size: int) -> int:
+    """Depthwise 3x3 conv (9 MACs) plus LayerNorm (1) per element of every cooling layer."""
+    total = 0
+    for layer, (h, w) in zip(model.layers, model.stage_sizes(size, size)):
+        total += sum(10 * h * w * b.norm1.normalized_shape[0] for b in layer.blocks if b.use_acl)
+    return total
+
+
+def small_model(**overrides) -> CrossFormer:
+    args = dict(img_size=64, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4),
+                group_size=(4, 4, 4, 4), interval=(4, 2, 1, 1), num_classes=10, drop_path_rate=0.0)
+    args.update(overrides)
+    return CrossFormer(**args)
+
+
+@pytest.mark.parametrize("name", ["v1_micro", "pp_micro"])
+def test_fixture_logits_params_flops_match_official(name):
+    model, fixture = fixture_model(name)
+    model.load_state_dict(fixture["model"], strict=True)  # v1 also carries the DPB index buffers
+    with torch.no_grad():
+        logits = model(fixture["input"])
+    torch.testing.assert_close(logits, fixture["logits"], rtol=0, atol=1e-5)
+    assert sum(p.numel() for p in model.parameters()) == fixture["params"]
+    size = fixture["input"].shape[-1]
+    assert model.flops() - acl_flops(model, size) == fixture["official_flops"]
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL))
+def test_official_configs_match_state_dict_params_and_flops(name):
+    reference = OFFICIAL[name]
+    model = build_model(load_config(os.path.join(ROOT, "configs", f"{name}.yaml")))
+    ours = {key: list(value.shape) for key, value in model.state_dict().items()}
+    official_params = {key: shape for key, shape, kind in reference["state_dict"] if kind == "param"}
+    assert ours == official_params
+    assert sum(p.numel() for p in model.parameters()) == reference["params"]
+    if name.startswith("crossformer/"):
+        assert model.flops() == reference["official_flops"]
+        assert acl_flops(model, 224) == 0
+    else:
+        assert acl_flops(model, 224) > 0
+        assert model.flops() == reference["official_flops"] + acl_flops(model, 224)
+
+
+def test_released_checkpoint_with_index_buffers_loads():
+    model, fixture = fixture_model("v1_micro")
+    state = fixture["model"]
+    assert any(k.endswith("attn.relative_position_index") for k in state)
+    fresh = small_model(num_classes=10)
+    result = fresh.load_state_dict(dict(state), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert not any(k.endswith(("attn.biases", "relative_position_index")) for k in fresh.state_dict())
+
+
+def explicit_attention(attn: Attention, x: torch.Tensor, group: int, padded_keys):
+    """softmax(Q K^T * scale + bias + mask) V written out, as the reference for the SDPA path."""
+    B, num_groups, N, C = x.shape
+    heads = attn.num_heads
+    q, k, v = attn.qkv(x).view(B, num_groups, N, 3, heads, C // heads).permute(3, 0, 1, 4, 2, 5)
+    scores = (q * attn.scale) @ k.transpose(-2, -1)
+    table, index = (torch.stack(torch.meshgrid(torch.arange(1 - group, group), torch.arange(1 - group, group),
+                                               indexing="ij"), -1).reshape(-1, 2).float(), None)
+    coords = [(i // group, i % group) for i in range(N)]
+    index = torch.tensor([[(a[0] - b[0] + group - 1) * (2 * group - 1) + a[1] - b[1] + group - 1
+                           for b in coords] for a in coords])
+    scores = scores + attn.pos(table)[index].permute(2, 0, 1)
+    if padded_keys is not None:
+        scores = scores + padded_keys[None, :, None, None, :].float() * -1e6
+    out = (scores.softmax(-1) @ v).permute(0, 1, 3, 2, 4).reshape(B, num_groups, N, C)
+    return attn.proj(out)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_sdpa_equals_explicit_softmax_attention(masked):
+    torch.manual_seed(0)
+    attn = Attention(dim=32, num_heads=4).eval()
+    x = torch.randn(3, 5, 16, 32)
+    padded = (torch.rand(5, 16) < 0.4) if masked else None
+    if masked:
+        padded[:, 0] = False  # every group keeps one real key, as real padding always does
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, 4, padded), explicit_attention(attn, x, 4, padded), rtol=0, atol=1e-5)
+
+
+def test_grouping_round_trip_and_lda_members_are_interval_apart():
+    x = torch.arange(32 * 32).float().view(1, 32, 32, 1)
+    for group, interval in [(4, 1), (4, 4), (2, 8)]:
+        groups = group_embeddings(x, group, interval)
+        assert groups.shape == (1, 32 * 32 // group ** 2, group * group, 1)
+        torch.testing.assert_close(ungroup_embeddings(groups, group, interval, 32, 32), x)
+        first = groups[0, 1, :, 0].long()  # second group of the first region
+        rows, cols = first // 32, first % 32
+        assert set(rows.diff().tolist()) <= {0, interval} and set(cols.unique().diff().tolist()) == {interval}
+
+
+def test_gradient_checkpointing_gives_same_loss_and_gradients():
+    torch.manual_seed(0)
+    model = small_model(drop_path_rate=0.3, use_acl=True).train()
+    images, labels = torch.randn(2, 3, 64, 64), torch.tensor([1, 7])
+    results = []
+    for enable in (False, True):
+        model.set_grad_checkpointing(enable)
+        model.zero_grad()
+        torch.manual_seed(1)
+        loss = torch.nn.functional.cross_entropy(model(images), labels)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-6)
+    for plain, checkpointed in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(plain, checkpointed, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("height,width", [(224, 320), (256, 256), (200, 200)])
+def test_any_input_size_logits_and_pyramid_strides(height, width):
+    torch.manual_seed(0)
+    model = build_model(load_config(os.path.join(ROOT, "configs/crossformer_pp/small_patch4_group_const_224.yaml"),
+                                    ["MODEL.NUM_CLASSES", 7])).eval()
+    images = torch.randn(1, 3, height, width)
+    with torch.no_grad():
+        logits = model(images)
+        maps = model.forward_pyramid(images)
+    assert logits.shape == (1, 7) and torch.isfinite(logits).all()
+    for stage, (stride, feature) in enumerate(zip((4, 8, 16, 32), maps)):
+        assert feature.shape == (1, 64 * 2 ** stage, height // stride, width // stride)
+        assert torch.isfinite(feature).all()
+
+
+def test_fully_padded_groups_give_no_nan_forward_or_backward():
+    torch.manual_seed(0)
+    block = CrossFormerBlock(dim=16, num_heads=2, group_size=4, interval=4, use_lda=True).train()
+    x = torch.randn(2, 17, 18, 16, requires_grad=True)  # padded to 32x32: some groups hold only padding
+    padded = torch.ones(1, 32, 32, 1, dtype=torch.bool)
+    padded[:, :17, :18] = False
+    assert group_embeddings(padded, 4, 4)[0, :, :, 0].all(dim=1).any()
+    out = block(x)
+    out.square().sum().backward()
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert all(torch.isfinite(p.grad).all() for p in block.parameters()) and torch.isfinite(x.grad).all()
+
+
+def test_padding_split_and_small_map_falls_back_to_sda():
+    block = CrossFormerBlock(dim=16, num_heads=2, group_size=4, interval=2, use_lda=True, pad_type=1)
+    assert block.grouping(20, 20) == (4, 2) and block.padding(20, 20) == (2, 2, 2, 2)
+    assert block.grouping(3, 10) == (3, 1) and block.padding(3, 10) == (0, 0, 1, 1)
+    out = block(torch.randn(1, 3, 10, 16))
+    assert out.shape == (1, 3, 10, 16) and torch.isfinite(out).all()
+
+
+def test_padded_keys_get_no_weight():
+    """The 2x2 real corner of a 6x6 map sits in a 4x4 group that is three-quarters padding; with
+    the padding masked it must equal the block run on that 2x2 alone (same offsets, same DPB)."""
+    torch.manual_seed(0)
+    block = CrossFormerBlock(dim=16, num_heads=2, group_size=4, interval=1, use_lda=False).eval()
+    x = torch.randn(1, 6, 6, 16)
+    with torch.no_grad():
+        alone = block(x[:, 4:, 4:])
+        torch.testing.assert_close(block(x)[:, 4:, 4:], alone, rtol=0, atol=1e-5)
+        block.no_mask = True
+        assert not torch.allclose(block(x)[:, 4:, 4:], alone, atol=1e-3)
+
+
+def test_too_small_input_is_a_clear_error():
+    model = small_model()
+    with pytest.raises(ValueError, match=r"input 20x20 is too small.*at least 32x32"):
+        model(torch.randn(1, 3, 20, 20))
+    config = get_default_config()
+    config.DATA.IMG_SIZE = 16
+    with pytest.raises(UserError, match="too small"):
+        build_model(config)
+
+
+def test_unknown_model_type_lists_known_types():
+    config = get_default_config()
+    config.MODEL.TYPE = "swin"
+    with pytest.raises(UserError, match=r"unknown MODEL.TYPE 'swin'; known types: cross-scale"):
+        build_model(config)
+
+
+def test_flops_at_other_input_size_counts_padded_free_groups():
+    model = small_model()
+    assert model.flops(128) > model.flops() > 0
+    assert model.flops((64, 96)) == pytest.approx(model.flops() * 1.5, rel=0.05)
