@@ -1,0 +1,175 @@
+"""``build_loader``: datasets, transforms, samplers, loaders and Mixup/CutMix from the config."""
+from __future__ import annotations
+
+import os
+import random
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import torch
+from timm.data import Mixup, create_transform
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data.transforms import str_to_interp_mode
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torchvision import transforms
+from torchvision.datasets import FakeData
+from yacs.config import CfgNode
+
+from config import UserError
+from data.digits import ensure_digits_folder
+from data.folder import build_folder_dataset, check_data_path, find_val_split
+from data.zip_dataset import ZipImageDataset
+
+DATASETS = ("imagenet", "digits", "fake")
+SMALL_IMAGE_SIZE = 32  # at or below: CIFAR-style pad-and-crop instead of resizing crops
+FAKE_VAL_OFFSET = 1_000_000  # FakeData seeds image i with i + offset: val never repeats train
+
+
+def build_transform(is_train: bool, config: CfgNode) -> Callable:
+    """The train (timm augmentation) or eval (resize, crop, normalize) transform of PIL images."""
+    size = config.DATA.IMG_SIZE
+    if is_train:
+        transform = create_transform(
+            input_size=size,
+            is_training=True,
+            hflip=config.AUG.get("HFLIP", 0.5),
+            color_jitter=config.AUG.COLOR_JITTER if config.AUG.COLOR_JITTER > 0 else None,
+            auto_augment=None if config.AUG.AUTO_AUGMENT == "none" else config.AUG.AUTO_AUGMENT,
+            re_prob=config.AUG.REPROB,
+            re_mode=config.AUG.REMODE,
+            re_count=config.AUG.RECOUNT,
+            interpolation=config.DATA.INTERPOLATION,
+        )
+        if size <= SMALL_IMAGE_SIZE:
+            transform.transforms[0] = transforms.RandomCrop(size, padding=4)
+        return transform
+    interpolation = str_to_interp_mode(
+        "bicubic" if config.DATA.INTERPOLATION == "random" else config.DATA.INTERPOLATION)
+    if size > SMALL_IMAGE_SIZE and config.TEST.CROP:
+        resize = [transforms.Resize(int(256 / 224 * size), interpolation=interpolation),
+                  transforms.CenterCrop(size)]
+    else:
+        resize = [transforms.Resize((size, size), interpolation=interpolation)]
+    return transforms.Compose(resize + [
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+    ])
+
+
+def _zip_dataset(root: str, split: str, transform: Callable, config: CfgNode, rank: int,
+                 world_size: int) -> ZipImageDataset:
+    return ZipImageDataset(os.path.join(root, f"{split}.zip"),
+                           os.path.join(root, f"{split}_map.txt"), transform,
+                           config.DATA.CACHE_MODE, rank, world_size)
+
+
+def _check_labels(dataset_train: Dataset, dataset_val: Dataset, where: str,
+                  config: CfgNode) -> None:
+    if hasattr(dataset_train, "classes"):  # image folders: class names from the folder names
+        if dataset_train.classes != dataset_val.classes:
+            only_train = sorted(set(dataset_train.classes) - set(dataset_val.classes))
+            only_val = sorted(set(dataset_val.classes) - set(dataset_train.classes))
+            raise UserError(f"train and val class folders differ in {where}: only in train "
+                            f"{only_train[:5]}, only in val {only_val[:5]}")
+        num_classes = len(dataset_train.classes)
+    else:  # zip maps: class indices
+        num_classes = max(dataset_train.targets + dataset_val.targets) + 1
+    if num_classes != config.MODEL.NUM_CLASSES:
+        raise UserError(f"the dataset in {where} has {num_classes} classes but "
+                        f"MODEL.NUM_CLASSES is {config.MODEL.NUM_CLASSES}")
+
+
+def build_datasets(config: CfgNode, rank: int = 0, world_size: int = 1) -> tuple[Dataset, Dataset]:
+    """Train and val datasets of DATA.DATASET (zip archives when DATA.ZIP_MODE)."""
+    name = config.DATA.DATASET
+    if name not in DATASETS:
+        raise UserError(f"unknown DATA.DATASET {name!r}; known: {', '.join(DATASETS)}")
+    train_transform, val_transform = build_transform(True, config), build_transform(False, config)
+    if name == "fake":
+        image_size = (3, config.DATA.IMG_SIZE, config.DATA.IMG_SIZE)
+        num_classes = config.MODEL.NUM_CLASSES
+        val_size = max(config.DATA.FAKE_SIZE // 4, config.DATA.BATCH_SIZE)
+        return (FakeData(config.DATA.FAKE_SIZE, image_size, num_classes, train_transform),
+                FakeData(val_size, image_size, num_classes, val_transform,
+                         random_offset=FAKE_VAL_OFFSET))
+    root = config.DATA.DATA_PATH
+    if name == "digits":
+        root = ensure_digits_folder(root)
+    check_data_path(root)
+    if config.DATA.ZIP_MODE:
+        dataset_train = _zip_dataset(root, "train", train_transform, config, rank, world_size)
+        dataset_val = _zip_dataset(root, find_val_split(root, ".zip"), val_transform, config,
+                                   rank, world_size)
+    else:
+        dataset_train = build_folder_dataset(root, "train", train_transform)
+        dataset_val = build_folder_dataset(root, find_val_split(root), val_transform)
+    _check_labels(dataset_train, dataset_val, root, config)
+    return dataset_train, dataset_val
+
+
+class ShardSampler(Sampler[int]):
+    """Rank ``r`` of ``world_size`` gets indices ``r, r + world_size, ...``, in order.
+
+    Every index goes to exactly one rank, with no padding, so validation counts each image once.
+    """
+
+    def __init__(self, dataset_size: int, rank: int = 0, world_size: int = 1):
+        self.indices = range(rank, dataset_size, world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def worker_init_fn(worker_id: int) -> None:
+    """Seed ``random`` and ``numpy`` in a worker from its torch seed (base seed + worker id).
+
+    The base seed comes from torch's global RNG when the loader's iterator starts, so seeding
+    torch before an epoch replays that epoch's augmentations.
+    """
+    seed = torch.initial_seed()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def build_mixup(config: CfgNode) -> Optional[Mixup]:
+    """timm Mixup/CutMix with label smoothing, or None when AUG turns both off."""
+    aug = config.AUG
+    if aug.MIXUP <= 0 and aug.CUTMIX <= 0 and aug.CUTMIX_MINMAX is None:
+        return None
+    if config.DATA.BATCH_SIZE % 2:
+        raise UserError(f"Mixup/CutMix needs an even DATA.BATCH_SIZE, "
+                        f"got {config.DATA.BATCH_SIZE}")
+    return Mixup(mixup_alpha=aug.MIXUP, cutmix_alpha=aug.CUTMIX, cutmix_minmax=aug.CUTMIX_MINMAX,
+                 prob=aug.MIXUP_PROB, switch_prob=aug.MIXUP_SWITCH_PROB, mode=aug.MIXUP_MODE,
+                 label_smoothing=config.MODEL.LABEL_SMOOTHING,
+                 num_classes=config.MODEL.NUM_CLASSES)
+
+
+def build_loader(config: CfgNode, rank: int = 0, world_size: int = 1
+                 ) -> tuple[Dataset, Dataset, DataLoader, DataLoader, Optional[Mixup]]:
+    """``(dataset_train, dataset_val, loader_train, loader_val, mixup_fn)`` for this rank.
+
+    The train loader shuffles with a DistributedSampler seeded by config.SEED (call its
+    ``set_epoch`` each epoch) and drops the last partial batch; the val loader gives each rank
+    its ShardSampler share. An unreadable image raises ``UnreadableImageError`` (a UserError whose
+    one-line message names the file) from iterating either loader, with or without workers.
+    """
+    dataset_train, dataset_val = build_datasets(config, rank, world_size)
+    batch_size = config.DATA.BATCH_SIZE
+    sampler_train = DistributedSampler(dataset_train, num_replicas=world_size, rank=rank,
+                                       shuffle=True, seed=config.SEED)
+    if len(sampler_train) < batch_size:
+        raise UserError(f"DATA.BATCH_SIZE {batch_size} is larger than the {len(sampler_train)} "
+                        f"training images per process ({len(dataset_train)} images, "
+                        f"{world_size} processes)")
+    loader_options = dict(batch_size=batch_size, num_workers=config.DATA.NUM_WORKERS,
+                          pin_memory=config.DATA.PIN_MEMORY and torch.cuda.is_available(),
+                          persistent_workers=False, worker_init_fn=worker_init_fn)
+    loader_train = DataLoader(dataset_train, sampler=sampler_train, drop_last=True,
+                              **loader_options)
+    loader_val = DataLoader(dataset_val, sampler=ShardSampler(len(dataset_val), rank, world_size),
+                            shuffle=False, drop_last=False, **loader_options)
+    return dataset_train, dataset_val, loader_train, loader_val, build_mixup(config)

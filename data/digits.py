@@ -1,0 +1,65 @@
+"""scikit-learn's handwritten digits written once as an image folder, read like ImageNet.
+
+Layout: ``<root>/{train,val}/<digit 0-9>/<index in load_digits()>.png``. Each 8×8 image (values
+0-16, ink high) becomes a 32×32 grayscale PNG (values scaled to 0-255, ink white, bilinear
+upscale). The split is stratified 80/20 with a fixed seed, so it never depends on config.SEED:
+1437 train and 360 val images.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import numpy as np
+from PIL import Image
+
+from config import UserError
+
+DEFAULT_ROOT = os.path.join("~", ".cache", "crossformer", "digits")
+IMAGE_SIZE = 32
+VAL_FRACTION = 0.2
+SPLIT_SEED = 0
+
+
+def _write_split(folder: str, images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> None:
+    for label in range(10):
+        os.makedirs(os.path.join(folder, str(label)))
+    for index in indices:
+        pixels = np.round(images[index] * (255 / 16)).astype(np.uint8)
+        image = Image.fromarray(pixels).resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+        image.save(os.path.join(folder, str(labels[index]), f"{index:04d}.png"))
+
+
+def ensure_digits_folder(root: str = "") -> str:
+    """The digits image folder under ``root`` (default ``~/.cache/crossformer/digits``).
+
+    Written only when ``root/train`` is missing: into a temporary folder beside ``root`` that is
+    renamed into place, so concurrent processes never see half a folder; a process that loses
+    the rename race drops its copy and uses the winner's.
+    """
+    from sklearn.datasets import load_digits  # imported here: slow, and only digits needs it
+    from sklearn.model_selection import train_test_split
+
+    root = os.path.abspath(os.path.expanduser(root or DEFAULT_ROOT))
+    if os.path.isdir(os.path.join(root, "train")):
+        return root
+    digits = load_digits()
+    train_indices, val_indices = train_test_split(
+        np.arange(len(digits.target)), test_size=VAL_FRACTION, stratify=digits.target,
+        random_state=SPLIT_SEED)
+    parent = os.path.dirname(root)
+    staging = ""
+    try:
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}-", dir=parent)
+        _write_split(os.path.join(staging, "train"), digits.images, digits.target, train_indices)
+        _write_split(os.path.join(staging, "val"), digits.images, digits.target, val_indices)
+        os.rename(staging, root)  # replaces an empty folder; fails if another process won
+    except OSError as err:
+        if not os.path.isdir(os.path.join(root, "train")):
+            raise UserError(f"cannot write the digits dataset to {root}: {err}") from err
+    finally:
+        if staging and os.path.isdir(staging):
+            shutil.rmtree(staging)
+    return root
