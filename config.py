@@ -101,6 +101,7 @@ _C.AUG.CUTMIX_MINMAX = None
 _C.AUG.MIXUP_PROB = 1.0
 _C.AUG.MIXUP_SWITCH_PROB = 0.5
 _C.AUG.MIXUP_MODE = "batch"
+_C.AUG.HFLIP = 0.5  # horizontal-flip probability (0 for digits and text)
 
 # ----------------------------------------------------------------------------- testing
 _C.TEST = CN()

@@ -1,0 +1,185 @@
+"""Distributed set-up, seeding, and checkpoint files (written crash-safe, read without running code)."""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import logging
+import os
+import pickle
+import random
+import re
+import zipfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from config import UserError
+
+CHECKPOINT_PATTERN = re.compile(r"ckpt_epoch_(\d+)\.pth$")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "") -> DistInfo:
+    """Join the process group a launcher (torchrun, torch.distributed.launch) describes through
+    RANK/WORLD_SIZE, or run as the only process without one. NCCL on CUDA, gloo on CPU."""
+    if device:
+        try:
+            wanted = torch.device(device)
+        except RuntimeError as err:
+            raise UserError(f"--device {device!r} is not a device name: {err}") from err
+        if wanted.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {device} asked for CUDA, but no CUDA device is available")
+    else:
+        wanted = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if wanted.type == "cuda":
+        index = local_rank if wanted.index is None else wanted.index
+        torch.cuda.set_device(index)
+        wanted = torch.device("cuda", index)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group("nccl" if wanted.type == "cuda" else "gloo")
+    return DistInfo(rank, world_size, local_rank, wanted)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (the tensor itself when there is no process group)."""
+    if dist.is_available() and dist.is_initialized():
+        tensor = tensor.clone()
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of one rank's epoch: an epoch replays identically after a resume."""
+    return (seed * 1_000_003 + epoch * 1_009 + rank) % 2 ** 63
+
+
+# ----------------------------------------------------------------------------- checkpoint files
+def save_checkpoint(state: dict, path: str) -> None:
+    """Write ``state`` to a temporary file beside ``path``, flush it to disk, rename it into place:
+    a kill at any moment leaves either the old file or the complete new one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    temporary = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(temporary, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    directory = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def load_checkpoint_file(path: str, trust: bool = False) -> dict:
+    """Read a checkpoint with ``torch.load(weights_only=True)``: tensors and plain containers only,
+    so nothing in the file can run. A file that needs full unpickling is refused unless ``trust``.
+    Any failure is a UserError naming the file and the reason."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if not trust:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else "unsupported object"
+            raise UserError(f"refusing to load {path}: it holds Python objects that only full unpickling "
+                            f"can rebuild, and unpickling can run code ({reason}). If you trust the file, "
+                            "pass --trust-checkpoints") from err
+        checkpoint = _load_trusted(path)
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
+        raise UserError(f"cannot read checkpoint {path}: {_first_line(err)}") from err
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"{path} is not a checkpoint: it holds a {type(checkpoint).__name__}, not a dict")
+    return checkpoint
+
+
+def _load_trusted(path: str) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a trusted file may still be damaged
+        raise UserError(f"cannot read checkpoint {path}: {_first_line(err)}") from err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def model_state(checkpoint: dict, path: str) -> dict:
+    """The model weights in a checkpoint: its ``model`` entry, or the dict itself if it is a
+    bare state dict."""
+    state = checkpoint.get("model", checkpoint)
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} holds no model weights: expected a 'model' entry or a state dict of "
+                        f"tensors, found keys {sorted(map(str, checkpoint))[:6]}")
+    return state
+
+
+def load_weights(model: nn.Module, state: dict, path: str, skip: tuple[str, ...] = ()) -> None:
+    """Load ``state`` into ``model`` exactly (except keys starting with a ``skip`` prefix);
+    a mismatch is a UserError listing a few differing keys and shapes."""
+    ours = model.state_dict()
+    state = {k: v for k, v in state.items() if not k.startswith(skip)}
+    foreign = {k: v for k, v in state.items() if k.endswith(("attn.biases", "attn.relative_position_index"))}
+    theirs = {k for k in state if k not in foreign}
+    expected = {k for k in ours if not k.startswith(skip)}
+    problems = [f"missing {k}" for k in sorted(expected - theirs)]
+    problems += [f"unexpected {k}" for k in sorted(theirs - expected)]
+    problems += [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(ours[k].shape)}"
+                 for k in sorted(theirs & expected) if state[k].shape != ours[k].shape]
+    if problems:
+        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+        raise UserError(f"{path} does not fit this model ({len(problems)} differences): {shown}")
+    model.load_state_dict(state, strict=not skip)
+
+
+def epoch_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """``(epoch, path)`` of every ``ckpt_epoch_N.pth`` in ``output_dir``, newest first."""
+    found = []
+    for path in glob.glob(os.path.join(glob.escape(output_dir), "ckpt_epoch_*.pth")):
+        match = CHECKPOINT_PATTERN.search(os.path.basename(path))
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found, reverse=True)
+
+
+def newest_loadable_checkpoint(output_dir: str, logger: logging.Logger,
+                               trust: bool = False) -> tuple[str, dict] | None:
+    """The newest epoch checkpoint that loads (never ``best.pth``); damaged ones are reported
+    with their path and reason, and skipped."""
+    for _, path in epoch_checkpoints(output_dir):
+        try:
+            checkpoint = load_checkpoint_file(path, trust)
+            for key in ("model", "optimizer", "lr_scheduler", "epoch"):
+                if key not in checkpoint:
+                    raise UserError(f"{path} lacks the '{key}' entry of a training checkpoint")
+            return path, checkpoint
+        except UserError as err:
+            logger.warning(f"skipping damaged checkpoint {path}: {err}")
+    return None
