@@ -5,7 +5,6 @@ import dataclasses
 import glob
 import logging
 import os
-import pickle
 import random
 import re
 import zipfile
@@ -105,15 +104,15 @@ def load_checkpoint_file(path: str, trust: bool = False) -> dict:
         raise UserError(f"checkpoint not found: {path}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
+    except Exception as err:  # torch raises many types for damaged or foreign files
+        refused = re.search(r"WeightsUnpickler error: (.*)", str(err))
+        if refused is None:
+            raise UserError(f"cannot read checkpoint {path}: damaged or not a PyTorch file "
+                            f"({type(err).__name__}: {_first_line(err)[:200]})") from err
         if not trust:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else "unsupported object"
-            raise UserError(f"refusing to load {path}: it holds Python objects that only full unpickling "
-                            f"can rebuild, and unpickling can run code ({reason}). If you trust the file, "
-                            "pass --trust-checkpoints") from err
+            raise UserError(f"refusing to load {path}: it needs full unpickling, which can run code "
+                            f"({refused.group(1).split(' was not an allowed')[0]}); pass --trust-checkpoints only if you trust the file") from err
         checkpoint = _load_trusted(path)
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
-        raise UserError(f"cannot read checkpoint {path}: {_first_line(err)}") from err
     if not isinstance(checkpoint, dict):
         raise UserError(f"{path} is not a checkpoint: it holds a {type(checkpoint).__name__}, not a dict")
     return checkpoint
