@@ -13,7 +13,7 @@ FILE_FORMAT = "[%(asctime)s %(name)s] (%(filename)s %(lineno)d): %(levelname)s %
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 METRICS_FILE = "metrics.jsonl"
 
-_logger = logging.getLogger(__name__)
+_logger = logging.getLogger(f"crossformer.{__name__}")  # reaches the run log
 
 
 def create_logger(output_dir: str, dist_rank: int = 0, name: str = "") -> logging.Logger:
@@ -97,6 +97,6 @@ def create_scalar_writer(output_dir: str, enabled: bool) -> ScalarWriter:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        _logger.warning("tensorboard is not installed: no TensorBoard scalars are written")
+        _logger.info("tensorboard is not installed: no TensorBoard scalars are written")
         return NullScalarWriter()
     return SummaryWriter(log_dir=os.path.join(output_dir, "tensorboard"))

@@ -21,7 +21,7 @@ from config import UserError
 
 SCHEDULER_NAMES = ("cosine", "linear", "step")
 
-_logger = logging.getLogger(__name__)
+_logger = logging.getLogger(f"crossformer.{__name__}")  # reaches the run log
 
 
 def build_scheduler(config, optimizer: Optimizer, n_iter_per_epoch: int) -> Scheduler:

@@ -26,8 +26,8 @@ from logger import JsonLinesWriter, create_logger, create_scalar_writer
 from lr_scheduler import build_scheduler
 from models import build_model
 from optimizer import build_optimizer
-from utils import (DistInfo, all_reduce_sum, epoch_seed, init_distributed, load_checkpoint_file, load_weights,
-                   model_state, newest_loadable_checkpoint, save_checkpoint, seed_everything)
+from utils import (DistInfo, all_reduce_sum, epoch_seed, init_distributed, load_checkpoint_file, load_pretrained,
+                   load_weights, model_state, newest_loadable_checkpoint, save_checkpoint, seed_everything)
 
 # (warm-up passes, timed passes) of --throughput
 THROUGHPUT_PASSES = {"cuda": (50, 30), "cpu": (3, 10)}
@@ -121,7 +121,7 @@ def build_criterion(config, mixup: bool) -> nn.Module:
 
 def main(config, dist_info: DistInfo) -> None:
     device = dist_info.device
-    logger = create_logger(config.OUTPUT, dist_info.rank, name=config.MODEL.NAME)
+    logger = create_logger(config.OUTPUT, dist_info.rank)
     if dist_info.is_main:
         with open(os.path.join(config.OUTPUT, "config.yaml"), "w") as f:
             f.write(config.dump())
@@ -136,7 +136,11 @@ def main(config, dist_info: DistInfo) -> None:
     logger.info(f"precision: {precision}")
 
     if config.MODEL.PRETRAINED and not config.MODEL.RESUME:
-        load_pretrained(config.MODEL.PRETRAINED, model, config.TRUST_CHECKPOINTS, logger)
+        skipped = load_pretrained(model, config.MODEL.PRETRAINED, config.TRUST_CHECKPOINTS)
+        if skipped:
+            logger.warning(f"{config.MODEL.PRETRAINED}: the head has another class count; skipped {skipped}, "
+                           "the new head starts fresh")
+        logger.info(f"loaded pretrained weights from {config.MODEL.PRETRAINED}")
 
     model_without_ddp = model
     if dist_info.world_size > 1:
@@ -184,19 +188,6 @@ def main(config, dist_info: DistInfo) -> None:
 
     train(config, dist_info, model, model_without_ddp, loader_train, loader_val, dataset_val, mixup_fn,
           optimizer, lr_scheduler, precision, start_epoch, max_accuracy, updates_per_epoch, logger)
-
-
-def load_pretrained(path: str, model: nn.Module, trust: bool, logger) -> None:
-    """Weights only, for fine-tuning: a classifier head of another class count is left out."""
-    state = model_state(load_checkpoint_file(path, trust), path)
-    head = model.state_dict()
-    skip = ()
-    if any(k.startswith("head.") and k in head and v.shape != head[k].shape for k, v in state.items()):
-        skip = ("head.",)
-        logger.warning(f"{path}: head has another class count; skipped "
-                       f"{sorted(k for k in state if k.startswith('head.'))}, the new head starts fresh")
-    load_weights(model, state, path, skip)
-    logger.info(f"loaded pretrained weights from {path}")
 
 
 def train(config, dist_info, model, model_without_ddp, loader_train, loader_val, dataset_val, mixup_fn,

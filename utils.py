@@ -158,6 +158,17 @@ def load_weights(model: nn.Module, state: dict, path: str, skip: tuple[str, ...]
     model.load_state_dict(state, strict=not skip)
 
 
+def load_pretrained(model: nn.Module, path: str, trust: bool = False) -> list[str]:
+    """Load the weights of a checkpoint or released model file into ``model`` (for evaluation or
+    fine-tuning). A classifier head of another class count is left out: its keys are returned."""
+    state = model_state(load_checkpoint_file(path, trust), path)
+    ours = model.state_dict()
+    head = sorted(k for k in state if k.startswith("head."))
+    other_head = any(k in ours and state[k].shape != ours[k].shape for k in head)
+    load_weights(model, state, path, skip=("head.",) if other_head else ())
+    return head if other_head else []
+
+
 def epoch_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     """``(epoch, path)`` of every ``ckpt_epoch_N.pth`` in ``output_dir``, newest first."""
     found = []

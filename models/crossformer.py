@@ -153,7 +153,7 @@ class Attention(nn.Module):
     def position_bias(self, group: int) -> Tensor:
         """``(num_heads, group**2, group**2)`` bias, from one DPB pass over all offsets."""
         table, index = relative_offsets(group, self.qkv.weight.device)
-        return self.pos(table)[index].permute(2, 0, 1)
+        return self.pos(table.to(self.qkv.weight.dtype))[index].permute(2, 0, 1)
 
     def attention_mask(self, group: int, padded_keys: Tensor | None, batch: int) -> Tensor:
         """Additive mask for ``scaled_dot_product_attention``: the position bias, and padded keys

@@ -15,6 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 with open(os.path.join(FIXTURES, "official_models.json")) as f:
     OFFICIAL = json.load(f)
+with open(os.path.join(ROOT, "README.md")) as f:
+    README_ROWS = {line.split("`")[1]: line for line in f if line.startswith("| `crossformer")}
 
 
 def fixture_model(name: str):
@@ -66,6 +68,8 @@ def test_official_configs_match_state_dict_params_and_flops(name):
     else:
         assert acl_flops(model, 224) > 0
         assert model.flops() == reference["official_flops"] + acl_flops(model, 224)
+    cells = [cell.strip() for cell in README_ROWS[name].split("|")]
+    assert cells[2] == f"{reference['params'] / 1e6:.2f}M" and cells[4] == f"{model.flops() / 1e9:.3f}"
 
 
 def test_released_checkpoint_with_index_buffers_loads():
