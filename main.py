@@ -174,7 +174,9 @@ def main(config, dist_info: DistInfo) -> None:
         logger.info(f"loaded weights from {resume}")
         if not config.EVAL_MODE and "optimizer" in checkpoint:
             optimizer.load_state_dict(checkpoint["optimizer"])
-            lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+            # The schedule follows from the config and the update count (the checkpoint's copy
+            # is kept for the official format): a run extended with --epochs gets the new one.
+            lr_scheduler.step_update((checkpoint["epoch"] + 1) * updates_per_epoch)
             if "scaler" in checkpoint:
                 precision.scaler.load_state_dict(checkpoint["scaler"])
             start_epoch = checkpoint["epoch"] + 1
