@@ -50,8 +50,21 @@ def init_distributed(device: str = "") -> DistInfo:
         torch.cuda.set_device(index)
         wanted = torch.device("cuda", index)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        dist.init_process_group("nccl" if wanted.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if wanted.type == "cuda" else "gloo", store=_launcher_store(rank, world_size),
+                                rank=rank, world_size=world_size)
     return DistInfo(rank, world_size, local_rank, wanted)
+
+
+def _launcher_store(rank: int, world_size: int) -> dist.Store:
+    """The launcher's key-value store, with this restart's keys kept apart from earlier ones.
+
+    Under ``torchrun --max-restarts`` the store can outlive the workers; without a prefix per
+    restart, a restarted group reads the dead workers' addresses and cannot connect.
+    """
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=rank == 0 and not agent_hosts_store, multi_tenant=True)
+    return dist.PrefixStore(f"crossformer/restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

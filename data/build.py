@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import os
-import random
 from typing import Callable, Iterator, Optional
 
-import numpy as np
 import torch
 from timm.data import Mixup, create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -32,7 +30,7 @@ def build_transform(is_train: bool, config: CfgNode) -> Callable:
         transform = create_transform(
             input_size=size,
             is_training=True,
-            hflip=config.AUG.get("HFLIP", 0.5),
+            hflip=config.AUG.HFLIP,
             color_jitter=config.AUG.COLOR_JITTER if config.AUG.COLOR_JITTER > 0 else None,
             auto_augment=None if config.AUG.AUTO_AUGMENT == "none" else config.AUG.AUTO_AUGMENT,
             re_prob=config.AUG.REPROB,
@@ -123,17 +121,6 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-def worker_init_fn(worker_id: int) -> None:
-    """Seed ``random`` and ``numpy`` in a worker from its torch seed (base seed + worker id).
-
-    The base seed comes from torch's global RNG when the loader's iterator starts, so seeding
-    torch before an epoch replays that epoch's augmentations.
-    """
-    seed = torch.initial_seed()
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-
-
 def build_mixup(config: CfgNode) -> Optional[Mixup]:
     """timm Mixup/CutMix with label smoothing, or None when AUG turns both off."""
     aug = config.AUG
@@ -153,7 +140,8 @@ def build_loader(config: CfgNode, rank: int = 0, world_size: int = 1
     """``(dataset_train, dataset_val, loader_train, loader_val, mixup_fn)`` for this rank.
 
     The train loader shuffles with a DistributedSampler seeded by config.SEED (call its
-    ``set_epoch`` each epoch) and drops the last partial batch; the val loader gives each rank
+    ``set_epoch`` each epoch) and drops the last partial batch. Its workers are seeded by torch
+    from a base seed drawn from torch's global RNG, so seeding torch before an epoch replays it; the val loader gives each rank
     its ShardSampler share. An unreadable image raises ``UnreadableImageError`` (a UserError whose
     one-line message names the file) from iterating either loader, with or without workers.
     """
@@ -167,7 +155,7 @@ def build_loader(config: CfgNode, rank: int = 0, world_size: int = 1
                         f"{world_size} processes)")
     loader_options = dict(batch_size=batch_size, num_workers=config.DATA.NUM_WORKERS,
                           pin_memory=config.DATA.PIN_MEMORY and torch.cuda.is_available(),
-                          persistent_workers=False, worker_init_fn=worker_init_fn)
+                          persistent_workers=False)
     loader_train = DataLoader(dataset_train, sampler=sampler_train, drop_last=True,
                               **loader_options)
     loader_val = DataLoader(dataset_val, sampler=ShardSampler(len(dataset_val), rank, world_size),
