@@ -8,17 +8,24 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import logging
 import math
 import os
 import sys
 import time
 from contextlib import nullcontext
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
+from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.scheduler.scheduler import Scheduler
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader, Dataset
+from yacs.config import CfgNode
 
 from config import UserError, get_config
 from data import build_loader
@@ -70,7 +77,7 @@ def parse_option(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def scale_learning_rates(config, world_size: int) -> None:
+def scale_learning_rates(config: CfgNode, world_size: int) -> None:
     """The official rule: rates are given for a global batch of 512, times accumulation steps."""
     factor = config.DATA.BATCH_SIZE * world_size / 512.0 * max(1, config.TRAIN.ACCUMULATION_STEPS)
     config.defrost()
@@ -81,6 +88,7 @@ def scale_learning_rates(config, world_size: int) -> None:
 
 
 def prepare_output(path: str) -> None:
+    """Create the run folder, or a UserError if it cannot be written."""
     try:
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, f".write_test{os.getpid()}")
@@ -95,7 +103,7 @@ class Precision:
     """Autocast settings: AMP_OPT_LEVEL O0 is float32; otherwise AMP_DTYPE, except that float16
     autocast is only used on CUDA (a CPU run stays in float32 unless bfloat16 is asked for)."""
 
-    def __init__(self, config, device: torch.device):
+    def __init__(self, config: CfgNode, device: torch.device):
         dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(config.AMP_DTYPE)
         if dtype is None:
             raise UserError(f"AMP_DTYPE must be float16 or bfloat16, got {config.AMP_DTYPE!r}")
@@ -104,14 +112,15 @@ class Precision:
         self.dtype = dtype
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.enabled and dtype == torch.float16)
 
-    def autocast(self):
+    def autocast(self) -> torch.autocast:
         return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
 
     def __str__(self) -> str:
         return f"autocast {str(self.dtype).replace('torch.', '')}" if self.enabled else "float32"
 
 
-def build_criterion(config, mixup: bool) -> nn.Module:
+def build_criterion(config: CfgNode, mixup: bool) -> nn.Module:
+    """Soft-target loss with Mixup/CutMix, else label smoothing (MODEL.LABEL_SMOOTHING) or plain CE."""
     if mixup:
         return SoftTargetCrossEntropy()
     if config.MODEL.LABEL_SMOOTHING > 0:
@@ -119,7 +128,8 @@ def build_criterion(config, mixup: bool) -> nn.Module:
     return nn.CrossEntropyLoss()
 
 
-def main(config, dist_info: DistInfo) -> None:
+def main(config: CfgNode, dist_info: DistInfo) -> None:
+    """Build data, model and optimizer, resume, then evaluate, benchmark or train."""
     device = dist_info.device
     logger = create_logger(config.OUTPUT, dist_info.rank)
     if dist_info.is_main:
@@ -184,7 +194,7 @@ def main(config, dist_info: DistInfo) -> None:
             logger.info(f"resuming training at epoch {start_epoch}")
 
     if config.EVAL_MODE:
-        acc1, acc5, loss = validate(config, loader_val, model, precision, device, logger)
+        acc1, acc5, _ = validate(loader_val, model, precision, device, logger)
         logger.info(f"Accuracy of the network on the {len(dataset_val)} test images: {acc1:.1f}%")
         return
 
@@ -192,8 +202,11 @@ def main(config, dist_info: DistInfo) -> None:
           optimizer, lr_scheduler, precision, start_epoch, max_accuracy, updates_per_epoch, logger)
 
 
-def train(config, dist_info, model, model_without_ddp, loader_train, loader_val, dataset_val, mixup_fn,
-          optimizer, lr_scheduler, precision, start_epoch, max_accuracy, updates_per_epoch, logger) -> None:
+def train(config: CfgNode, dist_info: DistInfo, model: nn.Module, model_without_ddp: nn.Module, loader_train: DataLoader,
+          loader_val: DataLoader, dataset_val: Dataset, mixup_fn: Mixup | None, optimizer: Optimizer,
+          lr_scheduler: Scheduler, precision: Precision, start_epoch: int, max_accuracy: float,
+          updates_per_epoch: int, logger: logging.Logger) -> None:
+    """The epoch loop: train, validate, save checkpoints and metrics."""
     criterion = build_criterion(config, mixup_fn is not None)
     metrics = JsonLinesWriter(config.OUTPUT, dist_info.rank)
     scalars = create_scalar_writer(config.OUTPUT, enabled=dist_info.is_main)
@@ -204,7 +217,7 @@ def train(config, dist_info, model, model_without_ddp, loader_train, loader_val,
         loader_train.sampler.set_epoch(epoch)
         train_loss = train_one_epoch(config, model, criterion, loader_train, optimizer, epoch, mixup_fn,
                                      lr_scheduler, precision, updates_per_epoch, dist_info, logger)
-        acc1, acc5, val_loss = validate(config, loader_val, model, precision, dist_info.device, logger)
+        acc1, acc5, val_loss = validate(loader_val, model, precision, dist_info.device, logger)
         logger.info(f"Accuracy of the network on the {len(dataset_val)} test images: {acc1:.1f}%")
         improved = acc1 > max_accuracy
         max_accuracy = max(max_accuracy, acc1)
@@ -235,8 +248,10 @@ def train(config, dist_info, model, model_without_ddp, loader_train, loader_val,
     logger.info(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
 
 
-def train_one_epoch(config, model, criterion, loader, optimizer, epoch, mixup_fn, lr_scheduler, precision,
-                    updates_per_epoch, dist_info, logger) -> float:
+def train_one_epoch(config: CfgNode, model: nn.Module, criterion: nn.Module, loader: Iterable,
+                    optimizer: Optimizer, epoch: int, mixup_fn: Mixup | None, lr_scheduler: Scheduler,
+                    precision: Precision, updates_per_epoch: int, dist_info: DistInfo,
+                    logger: logging.Logger) -> float:
     """One epoch; every case (AMP or not, accumulation or not, DDP or not) takes the same path.
     Losses and norms stay on the device; the host reads them only every PRINT_FREQ steps."""
     model.train()
@@ -276,7 +291,7 @@ def train_one_epoch(config, model, criterion, loader, optimizer, epoch, mixup_fn
             optimizer.zero_grad(set_to_none=True)
             lr_scheduler.step_update(epoch * updates_per_epoch + (idx + 1) // accumulation)
         if idx % config.PRINT_FREQ == 0 or idx == num_steps - 1:
-            check_finite(bad_step, epoch, logger)
+            check_finite(bad_step, epoch)
             batch_time = (time.time() - start) / (idx + 1)
             eta = batch_time * (num_steps - idx - 1)
             memory = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else 0.0
@@ -288,12 +303,13 @@ def train_one_epoch(config, model, criterion, loader, optimizer, epoch, mixup_fn
                 f"grad_norm {grad_norm.item():.4f} ({norm_sum.item() / max(1, (idx + 1) // accumulation):.4f})\t"
                 f"mem {memory:.0f}MB")
         batch_start = time.time()
-    check_finite(bad_step, epoch, logger)
+    check_finite(bad_step, epoch)
     logger.info(f"EPOCH {epoch} training takes {datetime.timedelta(seconds=int(time.time() - start))}")
     return loss_sum.item() / num_steps
 
 
-def check_finite(bad_step: torch.Tensor, epoch: int, logger) -> None:
+def check_finite(bad_step: torch.Tensor, epoch: int) -> None:
+    """Stop at the first step whose loss was not finite (``bad_step`` >= 0)."""
     step = int(bad_step.item())
     if step >= 0:
         raise NonFiniteLossError(f"loss is not finite at epoch {epoch} step {step}; stopping without saving "
@@ -301,7 +317,8 @@ def check_finite(bad_step: torch.Tensor, epoch: int, logger) -> None:
 
 
 @torch.no_grad()
-def validate(config, loader, model, precision, device, logger) -> tuple[float, float, float]:
+def validate(loader: Iterable, model: nn.Module, precision: Precision, device: torch.device,
+             logger: logging.Logger) -> tuple[float, float, float]:
     """Top-1/top-5 accuracy and loss over the whole validation set: every rank counts its own
     images and the counts are summed, so the result does not depend on the number of ranks."""
     model.eval()
@@ -321,7 +338,8 @@ def validate(config, loader, model, precision, device, logger) -> tuple[float, f
 
 
 @torch.no_grad()
-def throughput(loader, model, precision, device, logger) -> None:
+def throughput(loader: Iterable, model: nn.Module, precision: Precision, device: torch.device,
+               logger: logging.Logger) -> None:
     """Images per second of forward passes on one batch (``batch_size N throughput X``)."""
     model.eval()
     images = next(iter(loader))[0].to(device)

@@ -7,11 +7,13 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from PIL import Image
 
 import main
 from config import UserError, load_config
@@ -140,6 +142,13 @@ def bad_input_cases(tmp_path, digits):
     other_model = tmp_path / "other_model.pth"
     other = build_model(load_config(DEMO, ["MODEL.CROS.EMBED_DIM", 64, "MODEL.CROS.NUM_HEADS", [2, 4, 8, 16]]))
     torch.save({"model": other.state_dict()}, other_model)
+    images = tmp_path / "images"
+    for split in ("train", "val"):
+        for label in range(10):
+            (images / split / str(label)).mkdir(parents=True)
+            Image.new("RGB", (32, 32), (25 * label, 0, 0)).save(images / split / str(label) / "a.png")
+    broken = images / "val" / "3" / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n but not an image")
     base = ["--cfg", DEMO, "--data-path", digits, "--output", str(tmp_path / "out")]
     imagenet = ["--opts", "DATA.DATASET", "imagenet"]
     return {
@@ -155,12 +164,17 @@ def bad_input_cases(tmp_path, digits):
         "input too small": (base + ["--opts", "DATA.IMG_SIZE", "16"], "too small"),
         "batch too large": (base + ["--batch-size", "5000"], "5000"),
         "output not writable": (base[:-1] + [str(blocker)], str(blocker)),
+        "unreadable image": (base[:3] + [str(images)] + base[4:] + ["--eval", "--batch-size", "2"] + imagenet,
+                             f"cannot read image {broken}"),
     }
 
 
 def test_bad_input_gives_one_line_naming_the_culprit(digits, tmp_path):
-    for name, (args, culprit) in bad_input_cases(tmp_path, digits).items():
-        result = run([sys.executable, "main.py", *args])
+    cases = bad_input_cases(tmp_path, digits)
+    with ThreadPoolExecutor(max_workers=2) as pool:  # the runs wait on start-up more than on work
+        results = dict(zip(cases, pool.map(lambda case: run([sys.executable, "main.py", *case[0]]), cases.values())))
+    for name, (args, culprit) in cases.items():
+        result = results[name]
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2, (name, result.stderr[-2000:])
         assert len(lines) == 1 and lines[0].startswith("error: ") and culprit in lines[0], (name, lines)
