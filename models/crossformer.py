@@ -307,9 +307,9 @@ class CrossFormer(nn.Module):
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, patch_norm)
         self.absolute_pos_embed = None
-        if ape:
-            grid = self.stage_sizes(*self.img_size)[0]
-            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], embed_dim))
+        if ape:  # learned for the configured size; resized for others
+            self.pos_embed_grid = tuple(conv_output_size(s, patch_size, patch_size[0]) for s in self.img_size)
+            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, math.prod(self.pos_embed_grid), embed_dim))
             trunc_normal_(self.absolute_pos_embed, std=0.02)
         self.pos_drop = nn.Dropout(drop_rate)
         drop_paths = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
@@ -360,9 +360,8 @@ class CrossFormer(nn.Module):
         return self.pos_drop(x)
 
     def _resized_pos_embed(self, h: int, w: int) -> Tensor:
-        grid_h, grid_w = self.stage_sizes(*self.img_size)[0]
-        pos = self.absolute_pos_embed.view(1, grid_h, grid_w, -1)
-        if (h, w) != (grid_h, grid_w):
+        pos = self.absolute_pos_embed.view(1, *self.pos_embed_grid, -1)
+        if (h, w) != self.pos_embed_grid:
             pos = F.interpolate(pos.permute(0, 3, 1, 2), size=(h, w), mode="bicubic",
                                 align_corners=False).permute(0, 2, 3, 1)
         return pos

@@ -210,3 +210,13 @@ def test_flops_at_other_input_size_counts_padded_free_groups():
     model = small_model()
     assert model.flops(128) > model.flops() > 0
     assert model.flops((64, 96)) == pytest.approx(model.flops() * 1.5, rel=0.05)
+
+
+def test_absolute_position_embedding_follows_the_input_size():
+    torch.manual_seed(0)
+    model = small_model(ape=True).eval()
+    assert model.absolute_pos_embed.shape == (1, 16 * 16, 16)
+    assert "absolute_pos_embed" in model.no_weight_decay()
+    with torch.no_grad():
+        for size in (64, 96):
+            assert torch.isfinite(model(torch.randn(1, 3, size, size))).all()

@@ -1,0 +1,68 @@
+"""config.py: BASE inheritance, overrides, main.py flags, and errors that name the culprit."""
+import os
+
+import pytest
+
+from config import UserError, get_config, load_config
+from main import parse_option, scale_learning_rates
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "crossformer", "tiny_patch4_group7_224.yaml")
+
+
+def test_official_config_values_and_defaults():
+    config = load_config(TINY)
+    assert config.MODEL.TYPE == "cross-scale" and config.MODEL.NAME == "cros_tiny_patch4_group7_224"
+    assert config.MODEL.CROS.DEPTHS == [1, 1, 8, 6] and config.MODEL.DROP_PATH_RATE == 0.1
+    assert config.MODEL.CROS.INTERVAL == [8, 4, 2, 1] and config.TRAIN.BASE_LR == 5e-4
+    assert config.is_frozen()
+
+
+def test_base_inheritance_is_relative_to_the_file_and_children_win(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "child.yaml").write_text(
+        "BASE: ['../parent.yaml']\nTRAIN:\n  EPOCHS: 7\nMODEL:\n  CROS:\n    MLP_RATIO: 2.\n")
+    (tmp_path / "parent.yaml").write_text("TRAIN:\n  EPOCHS: 3\n  WARMUP_EPOCHS: 1\nDATA:\n  IMG_SIZE: 96\n")
+    config = load_config(str(tmp_path / "sub" / "child.yaml"), ["DATA.IMG_SIZE", 128])
+    assert (config.TRAIN.EPOCHS, config.TRAIN.WARMUP_EPOCHS, config.DATA.IMG_SIZE) == (7, 1, 128)
+    assert config.MODEL.CROS.MLP_RATIO == [2.0] * 4  # the ICLR configs' single number, per stage
+
+
+@pytest.mark.parametrize("content,opts,message", [
+    (None, [], "config file not found: {path}"),
+    ("TRAIN: [unclosed", [], "config file {path} is not valid YAML"),
+    ("TRAIN:\n  NOT_A_KEY: 1\n", [], "config file {path}: Non-existent config key: TRAIN.NOT_A_KEY"),
+    ("BASE: ['cfg.yaml']\n", [], "includes itself through BASE"),
+    ("TRAIN:\n  EPOCHS: 3\n", ["TRAIN.EPOCHS", "x"], "--opts: Type mismatch"),
+    ("TRAIN:\n  EPOCHS: 3\n", ["TRAIN.EPOCHS"], "--opts needs KEY VALUE pairs"),
+])
+def test_bad_config_is_a_user_error_naming_the_culprit(tmp_path, content, opts, message):
+    path = tmp_path / "cfg.yaml"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(UserError) as err:
+        load_config(str(path), opts)
+    assert message.format(path=path) in str(err.value)
+
+
+def test_main_flags_land_in_the_official_keys(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    args = parse_option(["--cfg", TINY, "--batch-size", "32", "--data-path", "/data", "--zip", "--cache-mode", "full",
+                         "--accumulation-steps", "4", "--use-checkpoint", "--amp-opt-level", "O0", "--amp-dtype",
+                         "bfloat16", "--epochs", "9", "--lr", "0.001", "--seed", "5", "--tag", "t", "--eval",
+                         "--local-rank", "3", "--opts", "MODEL.NUM_CLASSES", "100"])
+    config = get_config(args)
+    assert (config.DATA.BATCH_SIZE, config.DATA.DATA_PATH, config.DATA.ZIP_MODE, config.DATA.CACHE_MODE) == \
+        (32, "/data", True, "full")
+    assert (config.TRAIN.ACCUMULATION_STEPS, config.TRAIN.USE_CHECKPOINT, config.TRAIN.EPOCHS) == (4, True, 9)
+    assert (config.AMP_OPT_LEVEL, config.AMP_DTYPE, config.TRAIN.BASE_LR, config.SEED) == ("O0", "bfloat16", 1e-3, 5)
+    assert config.EVAL_MODE and not config.THROUGHPUT_MODE and config.LOCAL_RANK == 3
+    assert config.MODEL.NUM_CLASSES == 100
+    assert config.OUTPUT == os.path.join("output", "cros_tiny_patch4_group7_224", "t")
+
+
+def test_learning_rates_scale_with_global_batch_and_accumulation():
+    config = load_config(TINY, ["DATA.BATCH_SIZE", 64, "TRAIN.ACCUMULATION_STEPS", 2])
+    scale_learning_rates(config, world_size=8)  # 64 x 8 / 512 x 2 = 2
+    assert (config.TRAIN.BASE_LR, config.TRAIN.WARMUP_LR, config.TRAIN.MIN_LR) == pytest.approx((1e-3, 1e-6, 1e-5))
+    assert config.is_frozen()
