@@ -7,7 +7,6 @@ import logging
 import os
 import random
 import re
-import zipfile
 
 import numpy as np
 import torch

@@ -173,7 +173,7 @@ def test_bad_input_gives_one_line_naming_the_culprit(digits, tmp_path):
     cases = bad_input_cases(tmp_path, digits)
     with ThreadPoolExecutor(max_workers=2) as pool:  # the runs wait on start-up more than on work
         results = dict(zip(cases, pool.map(lambda case: run([sys.executable, "main.py", *case[0]]), cases.values())))
-    for name, (args, culprit) in cases.items():
+    for name, (_, culprit) in cases.items():
         result = results[name]
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2, (name, result.stderr[-2000:])
