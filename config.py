@@ -217,13 +217,7 @@ def get_config(args: argparse.Namespace) -> CN:
                       "trust_checkpoints": "TRUST_CHECKPOINTS"}.items():
         if getattr(args, flag, False):
             pairs += [key, True]
-    config.defrost()
-    for key, value in zip(pairs[0::2], pairs[1::2]):
-        node = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = type(node[leaf])(value) if node[leaf] is not None else value
+    _merge_opts(config, pairs)  # typed values: yacs keeps them as they are
     config.LOCAL_RANK = int(os.environ.get("LOCAL_RANK", getattr(args, "local_rank", 0) or 0))
     config.OUTPUT = os.path.join(config.OUTPUT or "output", config.MODEL.NAME, config.TAG)
     config.freeze()

@@ -153,21 +153,20 @@ def model_state(checkpoint: dict, path: str) -> dict:
 
 
 def load_weights(model: nn.Module, state: dict, path: str, skip: tuple[str, ...] = ()) -> None:
-    """Load ``state`` into ``model`` exactly (except keys starting with a ``skip`` prefix);
-    a mismatch is a UserError listing a few differing keys and shapes."""
+    """Load ``state`` into ``model`` exactly (except keys starting with a ``skip`` prefix); a
+    mismatch is a UserError listing a few differing keys and shapes. Entries the model derives
+    itself (the ICLR code's DPB index buffers) are dropped by the model's own load hook."""
     ours = model.state_dict()
     state = {k: v for k, v in state.items() if not k.startswith(skip)}
-    foreign = {k: v for k, v in state.items() if k.endswith(("attn.biases", "attn.relative_position_index"))}
-    theirs = {k for k in state if k not in foreign}
-    expected = {k for k in ours if not k.startswith(skip)}
-    problems = [f"missing {k}" for k in sorted(expected - theirs)]
-    problems += [f"unexpected {k}" for k in sorted(theirs - expected)]
-    problems += [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(ours[k].shape)}"
-                 for k in sorted(theirs & expected) if state[k].shape != ours[k].shape]
+    problems = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(ours[k].shape)}"
+                for k, v in sorted(state.items()) if k in ours and v.shape != ours[k].shape]
+    if not problems:
+        result = model.load_state_dict(state, strict=False)
+        problems = [f"missing {k}" for k in sorted(result.missing_keys) if not k.startswith(skip)]
+        problems += [f"unexpected {k}" for k in sorted(result.unexpected_keys)]
     if problems:
         shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
         raise UserError(f"{path} does not fit this model ({len(problems)} differences): {shown}")
-    model.load_state_dict(state, strict=not skip)
 
 
 def load_pretrained(model: nn.Module, path: str, trust: bool = False) -> list[str]:

@@ -109,6 +109,16 @@ def relative_offsets(group: int, device: torch.device) -> tuple[Tensor, Tensor]:
     return table, index
 
 
+@lru_cache(maxsize=64)
+def padded_key_mask(H: int, W: int, padding: tuple[int, int, int, int], group: int, interval: int,
+                    device: torch.device) -> Tensor:
+    """``(num_groups, group**2)`` booleans, True where a grouped embedding is padding."""
+    top, bottom, left, right = padding
+    padded = torch.ones(1, H + top + bottom, W + left + right, 1, dtype=torch.bool, device=device)
+    padded[:, top:top + H, left:left + W] = False
+    return group_embeddings(padded, group, interval)[0, :, :, 0]
+
+
 class DynamicPosBias(nn.Module):
     """DPB: an MLP mapping a relative offset ``(dy, dx)`` to one attention bias per head."""
 
@@ -223,9 +233,7 @@ class CrossFormerBlock(nn.Module):
         Hp, Wp = x.shape[1:3]
         padded_keys = None
         if (bottom or right or top or left) and not self.no_mask:
-            padded = torch.ones(1, Hp, Wp, 1, dtype=torch.bool, device=x.device)
-            padded[:, top:top + H, left:left + W] = False
-            padded_keys = group_embeddings(padded, group, interval)[0, :, :, 0]
+            padded_keys = padded_key_mask(H, W, (top, bottom, left, right), group, interval, x.device)
         x = self.attn(group_embeddings(x, group, interval), group, padded_keys)
         x = ungroup_embeddings(x, group, interval, Hp, Wp)[:, top:top + H, left:left + W]
         x = shortcut + self.drop_path(x)

@@ -2,6 +2,7 @@
 import os
 
 import pytest
+import torch
 
 from config import UserError, get_config, load_config
 from main import parse_option, scale_learning_rates
@@ -66,3 +67,16 @@ def test_learning_rates_scale_with_global_batch_and_accumulation():
     scale_learning_rates(config, world_size=8)  # 64 x 8 / 512 x 2 = 2
     assert (config.TRAIN.BASE_LR, config.TRAIN.WARMUP_LR, config.TRAIN.MIN_LR) == pytest.approx((1e-3, 1e-6, 1e-5))
     assert config.is_frozen()
+
+
+def test_device_flag_errors_name_the_device(monkeypatch):
+    from utils import init_distributed
+
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(UserError, match="--device 'gpu0' is not a device name"):
+        init_distributed("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="--device cuda asked for CUDA, but no CUDA device is available"):
+            init_distributed("cuda")
+    assert init_distributed("cpu").device == torch.device("cpu")
