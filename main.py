@@ -17,7 +17,6 @@ from contextlib import nullcontext
 from typing import Iterable
 
 import torch
-import torch.distributed as dist
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.scheduler.scheduler import Scheduler
@@ -33,47 +32,26 @@ from logger import JsonLinesWriter, create_logger, create_scalar_writer
 from lr_scheduler import build_scheduler
 from models import build_model
 from optimizer import build_optimizer
-from utils import (DistInfo, all_reduce_sum, epoch_seed, init_distributed, load_checkpoint_file, load_pretrained,
-                   load_weights, model_state, newest_loadable_checkpoint, save_checkpoint, seed_everything)
+from runtime import Precision, add_common_arguments, check_finite, launch, setup_run
+from utils import (DistInfo, all_reduce_sum, epoch_seed, load_checkpoint_file, load_pretrained, load_weights,
+                   model_state, newest_loadable_checkpoint, save_checkpoint, seed_everything)
 
 # (warm-up passes, timed passes) of --throughput
 THROUGHPUT_PASSES = {"cuda": (50, 30), "cpu": (3, 10)}
 
 
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite."""
-
-
 def parse_option(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser("CrossFormer training and evaluation", add_help=True)
-    parser.add_argument("--cfg", type=str, required=True, metavar="FILE", help="path to config file")
-    parser.add_argument("--opts", default=None, nargs="+", help="override config options: KEY VALUE pairs")
-    parser.add_argument("--batch-size", type=int, help="batch size per process")
-    parser.add_argument("--data-path", type=str, help="path to dataset")
+    add_common_arguments(parser)
     parser.add_argument("--zip", action="store_true", help="read train.zip/val.zip instead of folders")
     parser.add_argument("--cache-mode", type=str, choices=["no", "full", "part"],
                         help="zip mode: no cache, cache everything, or cache this rank's shard")
-    parser.add_argument("--resume", help="resume from a checkpoint")
-    parser.add_argument("--pretrained", help="fine-tune from these weights (a head of another size is dropped)")
     parser.add_argument("--accumulation-steps", type=int, help="gradient accumulation steps")
     parser.add_argument("--use-checkpoint", action="store_true", help="gradient checkpointing to save memory")
-    parser.add_argument("--amp-opt-level", type=str, choices=["O0", "O1", "O2"],
-                        help="O0: no mixed precision; O1/O2: native mixed precision (apex is not used)")
-    parser.add_argument("--amp-dtype", type=str, choices=["float16", "bfloat16"], help="mixed-precision type")
-    parser.add_argument("--output", default="output", type=str, metavar="PATH",
-                        help="root of output folders: <output>/<model name>/<tag>")
-    parser.add_argument("--tag", help="tag of experiment")
-    parser.add_argument("--eval", action="store_true", help="only evaluate")
     parser.add_argument("--throughput", action="store_true", help="only measure throughput")
     parser.add_argument("--num_workers", type=int, help="data-loading workers per process")
     parser.add_argument("--epochs", type=int, help="training epochs")
     parser.add_argument("--lr", type=float, help="base learning rate (for a global batch of 512)")
-    parser.add_argument("--seed", type=int, help="random seed")
-    parser.add_argument("--device", type=str, help="cpu, cuda or cuda:N (default: cuda when available)")
-    parser.add_argument("--trust-checkpoints", action="store_true",
-                        help="allow checkpoints that need full unpickling (can run code): only for files you trust")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=0,
-                        help="set by torch.distributed.launch; torchrun uses LOCAL_RANK")
     return parser.parse_args(argv)
 
 
@@ -85,38 +63,6 @@ def scale_learning_rates(config: CfgNode, world_size: int) -> None:
     config.TRAIN.WARMUP_LR *= factor
     config.TRAIN.MIN_LR *= factor
     config.freeze()
-
-
-def prepare_output(path: str) -> None:
-    """Create the run folder, or a UserError if it cannot be written."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write_test{os.getpid()}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as err:
-        raise UserError(f"cannot write to output folder {path}: {err.strerror or err}") from err
-
-
-class Precision:
-    """Autocast settings: AMP_OPT_LEVEL O0 is float32; otherwise AMP_DTYPE, except that float16
-    autocast is only used on CUDA (a CPU run stays in float32 unless bfloat16 is asked for)."""
-
-    def __init__(self, config: CfgNode, device: torch.device):
-        dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(config.AMP_DTYPE)
-        if dtype is None:
-            raise UserError(f"AMP_DTYPE must be float16 or bfloat16, got {config.AMP_DTYPE!r}")
-        self.device_type = device.type
-        self.enabled = config.AMP_OPT_LEVEL != "O0" and (dtype == torch.bfloat16 or device.type == "cuda")
-        self.dtype = dtype
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.enabled and dtype == torch.float16)
-
-    def autocast(self) -> torch.autocast:
-        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
-
-    def __str__(self) -> str:
-        return f"autocast {str(self.dtype).replace('torch.', '')}" if self.enabled else "float32"
 
 
 def build_criterion(config: CfgNode, mixup: bool) -> nn.Module:
@@ -291,7 +237,7 @@ def train_one_epoch(config: CfgNode, model: nn.Module, criterion: nn.Module, loa
             optimizer.zero_grad(set_to_none=True)
             lr_scheduler.step_update(epoch * updates_per_epoch + (idx + 1) // accumulation)
         if idx % config.PRINT_FREQ == 0 or idx == num_steps - 1:
-            check_finite(bad_step, epoch)
+            check_finite(bad_step, f"epoch {epoch}")
             batch_time = (time.time() - start) / (idx + 1)
             eta = batch_time * (num_steps - idx - 1)
             memory = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else 0.0
@@ -303,17 +249,9 @@ def train_one_epoch(config: CfgNode, model: nn.Module, criterion: nn.Module, loa
                 f"grad_norm {grad_norm.item():.4f} ({norm_sum.item() / max(1, (idx + 1) // accumulation):.4f})\t"
                 f"mem {memory:.0f}MB")
         batch_start = time.time()
-    check_finite(bad_step, epoch)
+    check_finite(bad_step, f"epoch {epoch}")
     logger.info(f"EPOCH {epoch} training takes {datetime.timedelta(seconds=int(time.time() - start))}")
     return loss_sum.item() / num_steps
-
-
-def check_finite(bad_step: torch.Tensor, epoch: int) -> None:
-    """Stop at the first step whose loss was not finite (``bad_step`` >= 0)."""
-    step = int(bad_step.item())
-    if step >= 0:
-        raise NonFiniteLossError(f"loss is not finite at epoch {epoch} step {step}; stopping without saving "
-                                 "(the last checkpoint is kept)")
 
 
 @torch.no_grad()
@@ -361,26 +299,14 @@ def throughput(loader: Iterable, model: nn.Module, precision: Precision, device:
 def run(argv: list[str] | None = None) -> int:
     """Entry point: returns the exit code; bad input is one line on stderr and exit code 2."""
     args = parse_option(argv)
-    dist_info = None
-    try:
+
+    def job() -> None:
         config = get_config(args)
-        dist_info = init_distributed(config.DEVICE)
+        dist_info = setup_run(config)
         scale_learning_rates(config, dist_info.world_size)
-        prepare_output(config.OUTPUT)
-        seed_everything(config.SEED + dist_info.rank)
-        torch.backends.cudnn.benchmark = not config.DETERMINISTIC
-        if config.DETERMINISTIC:
-            torch.use_deterministic_algorithms(True, warn_only=True)
         main(config, dist_info)
-        code = 0
-    except (UserError, NonFiniteLossError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        code = 2 if isinstance(err, UserError) else 3
-    if dist.is_available() and dist.is_initialized():
-        if code == 0:
-            dist.barrier()
-        dist.destroy_process_group()
-    return code
+
+    return launch(job)
 
 
 if __name__ == "__main__":

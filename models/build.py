@@ -4,7 +4,7 @@ from __future__ import annotations
 from yacs.config import CfgNode
 
 from config import UserError
-from models.crossformer import CrossFormer
+from crossformer import CrossFormer
 
 
 def _cross_scale(config: CfgNode) -> CrossFormer:

@@ -9,7 +9,7 @@ from yacs.config import CfgNode
 
 from config import UserError, get_default_config, load_config
 from models import CrossFormer, build_model
-from models.crossformer import Attention, CrossFormerBlock, group_embeddings, ungroup_embeddings
+from crossformer.model import Attention, CrossFormerBlock, group_embeddings, ungroup_embeddings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")

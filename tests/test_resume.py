@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 import main
+import runtime
 from config import UserError, load_config
 from models import build_model
 from optimizer import build_optimizer
@@ -223,7 +224,7 @@ def train_steps(rank, world_size, port, global_batches, accumulation, initial, r
     optimizer.step = recording_step
     loader = [(images[rank::world_size], labels[rank::world_size]) for images, labels in global_batches]
     info = DistInfo(rank, world_size, rank, torch.device("cpu"))
-    precision = main.Precision(config, info.device)
+    precision = runtime.Precision(config, info.device)
     main.train_one_epoch(config, ddp, main.build_criterion(config, False), loader, optimizer, 0, None, scheduler,
                          precision, updates, info, main.create_logger(os.path.dirname(result_path), rank))
     if rank == 0:

@@ -27,6 +27,7 @@ import yaml
 from timm.loss import SoftTargetCrossEntropy
 
 import main
+import runtime
 from config import load_config
 from data.build import build_mixup
 from data.digits import ensure_digits_folder
@@ -285,7 +286,7 @@ def one_epoch(config, model, batches, mixup_fn=None, criterion=None):
     grads = record_gradients(optimizer, model)
     scheduler = RecordingScheduler()
     criterion = criterion or main.build_criterion(config, mixup_fn is not None)
-    precision = main.Precision(config, torch.device("cpu"))
+    precision = runtime.Precision(config, torch.device("cpu"))
     loss = main.train_one_epoch(config, model, criterion, batches, optimizer, 0, mixup_fn, scheduler,
                                 precision, len(batches) // accumulation,
                                 DistInfo(0, 1, 0, torch.device("cpu")), logging.getLogger("test_train"))
@@ -345,7 +346,7 @@ def test_trailing_partial_accumulation_is_left_out():
                                                    ("O0", "bfloat16", False), ("O2", "bfloat16", True)])
 def test_precision_on_cpu(level, dtype, enabled):
     config = load_config(os.path.join(REPO, DEMO_CFG), ["AMP_OPT_LEVEL", level, "AMP_DTYPE", dtype])
-    precision = main.Precision(config, torch.device("cpu"))
+    precision = runtime.Precision(config, torch.device("cpu"))
     assert precision.enabled is enabled
     assert precision.dtype == getattr(torch, dtype)
     assert not precision.scaler.is_enabled()  # no float16 autocast on the CPU, so no scaler
@@ -358,7 +359,7 @@ def test_mixup_bfloat16_training_step_on_cpu():
     config = load_config(os.path.join(REPO, DEMO_CFG), [
         "AUG.MIXUP", 0.8, "AUG.CUTMIX", 1.0, "AMP_DTYPE", "bfloat16", "AMP_OPT_LEVEL", "O1",
         "DATA.BATCH_SIZE", 4])
-    precision = main.Precision(config, torch.device("cpu"))
+    precision = runtime.Precision(config, torch.device("cpu"))
     assert precision.enabled and precision.dtype == torch.bfloat16
     mixup_fn = build_mixup(config)
     assert mixup_fn is not None
