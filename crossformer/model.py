@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -383,17 +384,30 @@ class CrossFormer(nn.Module):
                 x = layer.downsample(x)
         return self.norm(x)
 
-    def forward_pyramid(self, x: Tensor) -> list[Tensor]:
-        """The output of every stage as an NCHW map, at strides 4, 8, 16, 32 (for detection and
-        segmentation heads); the last one is taken before the final norm."""
+    def forward_intermediates(self, x: Tensor, indices: int | Sequence[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """timm's feature interface: the output of the stages in ``indices`` (the last n for an
+        int, all for None) as NCHW maps at strides 4, 8, 16, 32, taken before the stage's patch
+        merging. ``norm`` applies the final norm to the last stage's map. Returns the maps, or
+        ``(final features, maps)`` unless ``intermediates_only``."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        layers = self.layers[:max_index + 1] if stop_early else self.layers
         x = self._embed(x)
-        maps = []
-        for layer in self.layers:
+        intermediates = []
+        last = len(self.layers) - 1
+        for i, layer in enumerate(layers):
             x = layer.forward_blocks(x)
-            maps.append(x.permute(0, 3, 1, 2).contiguous())
-            if layer.downsample is not None:
+            if i in take_indices:
+                feature = self.norm(x) if norm and i == last else x
+                intermediates.append(feature.permute(0, 3, 1, 2).contiguous())
+            if layer.downsample is not None and (i < max_index or not stop_early):
                 x = layer.downsample(x)
-        return maps
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = x.mean(dim=(1, 2))

@@ -148,7 +148,7 @@ def test_any_input_size_logits_and_pyramid_strides(height, width):
     images = torch.randn(1, 3, height, width)
     with torch.no_grad():
         logits = model(images)
-        maps = model.forward_pyramid(images)
+        maps = model.forward_intermediates(images, intermediates_only=True)
     assert logits.shape == (1, 7) and torch.isfinite(logits).all()
     for stage, (stride, feature) in enumerate(zip((4, 8, 16, 32), maps)):
         assert feature.shape == (1, 64 * 2 ** stage, height // stride, width // stride)
