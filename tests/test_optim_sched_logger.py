@@ -58,13 +58,13 @@ def group_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[set[
     return [{names[id(param)] for param in group["params"]} for group in optimizer.param_groups]
 
 
-def lr_curve(scheduler_name: str, **train_keys) -> list[float]:
-    """The LR of every update 0 .. TOTAL-1, as main.py steps it."""
+def lr_curve(scheduler_name: str, steps: int = TOTAL, **train_keys) -> list[float]:
+    """The LR of every update 0 .. steps-1, as main.py steps it."""
     config = make_config(LR_SCHEDULER__NAME=scheduler_name, **train_keys)
     optimizer = build_optimizer(config, ToyModel())
     scheduler = build_scheduler(config, optimizer, ITERS)
     lrs = []
-    for update in range(TOTAL):
+    for update in range(steps):
         scheduler.step_update(update)
         lrs.append(optimizer.param_groups[0]["lr"])
         assert all(group["lr"] == lrs[-1] for group in optimizer.param_groups)
@@ -109,40 +109,78 @@ def test_unknown_optimizer_is_a_user_error():
 
 # ----------------------------------------------------------------------------- scheduler
 
+def official_lr(name: str, step: int, total: int, warmup: int, decay_every: int = 0,
+                decay_rate: float = 0.1) -> float:
+    """The official code's rate at ``step``, written out from its definition: timm's cosine over all
+    ``total`` steps (warm-up not a prefix), the linear decay to 1% of BASE_LR over the steps after
+    the warm-up, and the step decay counted from step 0."""
+    if step < warmup:
+        return WARMUP_LR + step * (BASE_LR - WARMUP_LR) / warmup
+    if name == "cosine":
+        return MIN_LR if step >= total else MIN_LR + 0.5 * (BASE_LR - MIN_LR) * (1 + math.cos(math.pi * step / total))
+    if name == "linear":
+        return BASE_LR - (BASE_LR - 0.01 * BASE_LR) * min(1.0, (step - warmup) / (total - warmup))
+    return BASE_LR * decay_rate ** (step // decay_every)
+
+
+class ListLoader(list):
+    """A list of batches standing in for a DataLoader."""
+
+
+def trained_lrs(name: str, warmup_epochs: int, accumulation: int, batches: int = ITERS) -> tuple[list[float], int]:
+    """Train a toy model for EPOCHS epochs through main.train_one_epoch and return the rate every
+    optimizer step ran with, and the optimizer steps per epoch."""
+    from main import train_one_epoch
+    from runtime import Precision
+    from utils import DistInfo
+
+    config = make_config(LR_SCHEDULER__NAME=name, WARMUP_EPOCHS=warmup_epochs, ACCUMULATION_STEPS=accumulation,
+                         LR_SCHEDULER__DECAY_EPOCHS=3)
+    config.defrost()
+    config.AMP_OPT_LEVEL, config.PRINT_FREQ = "O0", 1000
+    config.freeze()
+    model = nn.Linear(4, 3)
+    optimizer = build_optimizer(config, model)
+    updates_per_epoch = batches // accumulation
+    scheduler = build_scheduler(config, optimizer, updates_per_epoch)
+    seen = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(opt.param_groups[0]["lr"]))
+    generator = torch.Generator().manual_seed(0)
+    loader = ListLoader((torch.randn(2, 4, generator=generator), torch.tensor([0, 2])) for _ in range(batches))
+    device = torch.device("cpu")
+    for epoch in range(EPOCHS):
+        train_one_epoch(config, model, nn.CrossEntropyLoss(), loader, optimizer, epoch, None, scheduler,
+                        Precision(config, device), updates_per_epoch, DistInfo(0, 1, 0, device),
+                        logging.getLogger("test"))
+    return seen, updates_per_epoch
+
+
+@pytest.mark.parametrize("accumulation", [1, 3])
+@pytest.mark.parametrize("warmup_epochs", [0, WARMUP_EPOCHS])
 @pytest.mark.parametrize("name", ["cosine", "linear", "step"])
-def test_warmup_is_linear_from_warmup_lr_to_base_lr(name):
-    lrs = lr_curve(name)
-    assert lrs[0] == WARMUP_LR
-    assert lrs[WARMUP] == pytest.approx(BASE_LR, rel=1e-12)
-    for step in range(WARMUP):
-        assert lrs[step] == pytest.approx(WARMUP_LR + (BASE_LR - WARMUP_LR) * step / WARMUP,
-                                          rel=1e-12)
+def test_trainer_follows_the_official_schedule_at_every_step(name, warmup_epochs, accumulation):
+    lrs, per_epoch = trained_lrs(name, warmup_epochs, accumulation)
+    total, warmup = EPOCHS * per_epoch, warmup_epochs * per_epoch
+    assert len(lrs) == total  # 7 batches with 3-step accumulation: 2 steps, the 7th batch left out
+    expected = [official_lr(name, step, total, warmup, decay_every=3 * per_epoch) for step in range(total)]
+    assert lrs == pytest.approx(expected, rel=1e-9, abs=0)
 
 
-@pytest.mark.parametrize("name", ["cosine", "linear"])
-def test_decay_reaches_min_lr_at_last_step(name):
-    lrs = lr_curve(name)
-    assert lrs[-1] == pytest.approx(MIN_LR, rel=1e-12)
-    assert lrs[-2] > MIN_LR
-    after_warmup = lrs[WARMUP:]
-    assert all(a > b for a, b in zip(after_warmup, after_warmup[1:]))
+@pytest.mark.parametrize("warmup_epochs", [0, WARMUP_EPOCHS])
+@pytest.mark.parametrize("name", ["cosine", "linear", "step"])
+def test_schedule_equals_the_official_formula_up_to_the_end(name, warmup_epochs):
+    """Step TOTAL is where main.py resumes a run whose last epoch is done."""
+    lrs = lr_curve(name, WARMUP_EPOCHS=warmup_epochs, LR_SCHEDULER__DECAY_EPOCHS=4, LR_SCHEDULER__DECAY_RATE=0.5,
+                   steps=TOTAL + 1)
+    expected = [official_lr(name, step, TOTAL, warmup_epochs * ITERS, 4 * ITERS, 0.5) for step in range(TOTAL + 1)]
+    assert lrs == pytest.approx(expected, rel=1e-9, abs=0)
 
 
-def test_cosine_shape():
-    lrs = lr_curve("cosine")
-    decay_steps = TOTAL - 1 - WARMUP
-    for step in range(WARMUP, TOTAL):
-        progress = (step - WARMUP) / decay_steps
-        expected = MIN_LR + 0.5 * (BASE_LR - MIN_LR) * (1 + math.cos(math.pi * progress))
-        assert lrs[step] == pytest.approx(expected, rel=1e-12)
-
-
-def test_linear_is_linear():
-    lrs = lr_curve("linear", EPOCHS=10, WARMUP_EPOCHS=1)  # decay over 62 steps: midpoint at 7 + 31
-    decay_steps = TOTAL - 1 - ITERS
-    assert lrs[ITERS + decay_steps // 2] == pytest.approx((BASE_LR + MIN_LR) / 2, rel=1e-12)
-    steps = [b - a for a, b in zip(lrs[ITERS:], lrs[ITERS + 1:])]
-    assert steps == pytest.approx([steps[0]] * len(steps), rel=1e-9)
+def test_cosine_and_linear_end_where_the_official_code_ends():
+    cosine, linear = lr_curve("cosine"), lr_curve("linear")
+    assert MIN_LR < cosine[-1] < MIN_LR + 1e-3 * (BASE_LR - MIN_LR)  # never quite MIN_LR
+    assert cosine[WARMUP] < BASE_LR  # the warm-up replaced the cosine's start: no plateau at BASE_LR
+    assert linear[-1] == pytest.approx(BASE_LR * (0.01 + 0.99 / (TOTAL - WARMUP)), rel=1e-12)
 
 
 def test_step_decays_at_decay_epochs():
