@@ -32,23 +32,41 @@ _C.DATA.CACHE_MODE = "part"  # no, full, part (zip mode only)
 _C.DATA.PIN_MEMORY = True
 _C.DATA.NUM_WORKERS = 8
 _C.DATA.FAKE_SIZE = 1024  # images per split of the 'fake' dataset
+# Official keys of a feature not implemented here (token labelling): accepted at these defaults only.
+_C.DATA.TOKEN_LABEL = False
+_C.DATA.TOKEN_LABEL_SIZE = 7
+_C.DATA.PREFETCH = False
+_C.DATA.MIX_GROUNDTRUTH = False
+_C.DATA.CLS_WEIGHT = 1.0
+_C.DATA.DENSE_WEIGHT = 0.5
 
 # ----------------------------------------------------------------------------- model
 _C.MODEL = CN()
 _C.MODEL.TYPE = "cross-scale"
-_C.MODEL.NAME = "cros_tiny_patch4_group7_224"
+_C.MODEL.NAME = "tiny_patch4_group7_224"
 _C.MODEL.PRETRAINED = ""  # weights to fine-tune from (model only)
 _C.MODEL.RESUME = ""  # full training state to continue from
 _C.MODEL.NUM_CLASSES = 1000
 _C.MODEL.DROP_RATE = 0.0
 _C.MODEL.DROP_PATH_RATE = 0.1
 _C.MODEL.LABEL_SMOOTHING = 0.1
+# Official keys of features not implemented here (dense supervision, token mixing, variant
+# switches): accepted at these defaults only. MODEL.FROM_PRETRAIN: use RESUME or PRETRAINED.
+_C.MODEL.FROM_PRETRAIN = ""
+_C.MODEL.IMPL_TYPE = ""
+_C.MODEL.CONV_BLOCKS = ""
+_C.MODEL.RETURN_DENSE = True
+_C.MODEL.MIX_TOKEN = True
+_C.MODEL.LOSS = CN()
+_C.MODEL.LOSS.ALPHA2 = 0.1
+_C.MODEL.LOSS.ALPHA3 = 0.1
+_C.MODEL.LOSS.ALPHA4 = 0.25
 
 _C.MODEL.CROS = CN()
 _C.MODEL.CROS.PATCH_SIZE = [4, 8, 16, 32]
 _C.MODEL.CROS.MERGE_SIZE = [[2, 4], [2, 4], [2, 4]]
 _C.MODEL.CROS.IN_CHANS = 3
-_C.MODEL.CROS.EMBED_DIM = 96
+_C.MODEL.CROS.EMBED_DIM = 48
 _C.MODEL.CROS.DEPTHS = [2, 2, 6, 2]
 _C.MODEL.CROS.NUM_HEADS = [3, 6, 12, 24]
 _C.MODEL.CROS.GROUP_SIZE = [7, 7, 7, 7]
@@ -58,8 +76,10 @@ _C.MODEL.CROS.QKV_BIAS = True
 _C.MODEL.CROS.QK_SCALE = None
 _C.MODEL.CROS.APE = False
 _C.MODEL.CROS.PATCH_NORM = True
-_C.MODEL.CROS.GROUP_TYPE = "constant"
-_C.MODEL.CROS.USE_ACL = False
+_C.MODEL.CROS.GROUP_TYPE = "constant"  # constant, linear, linear_div, alter, 7_14 (CrossFormer++)
+_C.MODEL.CROS.USE_ACL = True  # activation cooling (CrossFormer++); the ICLR configs set False
+_C.MODEL.CROS.USE_CPE = False  # CrossFormer++'s convolutional position encoding instead of DPB
+_C.MODEL.CROS.ADAPT_INTER = False  # LDA interval ceil(map size / G) per block instead of INTERVAL
 _C.MODEL.CROS.PAD_TYPE = 0  # 0: pad bottom/right, 1: split the padding between both sides
 _C.MODEL.CROS.NO_MASK = False
 
@@ -108,19 +128,45 @@ _C.TEST = CN()
 _C.TEST.CROP = True
 
 # ----------------------------------------------------------------------------- misc
-_C.AMP_OPT_LEVEL = "O1"  # kept from the apex days: O0 turns mixed precision off
+# Mixed precision: 'native' (the official default), '', O1 and O2 autocast to AMP_DTYPE; O0 is float32.
+_C.AMP_OPT_LEVEL = "native"
 _C.AMP_DTYPE = "float16"  # float16 (with a gradient scaler) or bfloat16
 _C.DEVICE = ""  # '' picks cuda when available, else cpu
 _C.OUTPUT = ""
 _C.TAG = "default"
 _C.SAVE_FREQ = 1
-_C.PRINT_FREQ = 10
+_C.PRINT_FREQ = 50
 _C.SEED = 0
 _C.DETERMINISTIC = False
 _C.EVAL_MODE = False
 _C.THROUGHPUT_MODE = False
 _C.LOCAL_RANK = 0
 _C.TRUST_CHECKPOINTS = False  # allow full unpickling of checkpoint files (runs code in them)
+# Official keys that the official main.py overwrites from OUTPUT and TAG; here everything a run
+# writes goes to OUTPUT/<MODEL.NAME>/<TAG>. Accepted at these defaults only.
+_C.LOG_OUTPUT = ""
+_C.WEIGHT_OUTPUT = ""
+
+# Official keys accepted only at their default, and what setting them would have asked for.
+UNIMPLEMENTED_KEYS = {
+    "DATA.TOKEN_LABEL": "token labelling",
+    "DATA.TOKEN_LABEL_SIZE": "token labelling",
+    "DATA.PREFETCH": "token labelling's prefetching loader",
+    "DATA.MIX_GROUNDTRUTH": "token labelling",
+    "DATA.CLS_WEIGHT": "token labelling's loss weights",
+    "DATA.DENSE_WEIGHT": "token labelling's loss weights",
+    "MODEL.FROM_PRETRAIN": "loading a full training state before training (use MODEL.RESUME / --resume "
+                           "to continue a run, MODEL.PRETRAINED / --pretrained to start from weights)",
+    "MODEL.IMPL_TYPE": "the official code's model variants",
+    "MODEL.CONV_BLOCKS": "the official code's convolutional-block variant",
+    "MODEL.RETURN_DENSE": "token labelling's dense outputs",
+    "MODEL.MIX_TOKEN": "token labelling's token mixing",
+    "MODEL.LOSS.ALPHA2": "supervision of intermediate feature maps",
+    "MODEL.LOSS.ALPHA3": "supervision of intermediate feature maps",
+    "MODEL.LOSS.ALPHA4": "supervision of intermediate feature maps",
+    "LOG_OUTPUT": "a separate log folder (logs go to OUTPUT/<MODEL.NAME>/<TAG>)",
+    "WEIGHT_OUTPUT": "a separate checkpoint folder (checkpoints go to OUTPUT/<MODEL.NAME>/<TAG>)",
+}
 
 
 def _read_yaml(path: str) -> dict:
@@ -171,6 +217,18 @@ def _merge_opts(config: CN, opts: Sequence[str]) -> None:
         raise UserError(f"--opts: {err.args[0] if err.args else err}") from err
 
 
+def _check_unimplemented(config: CN) -> None:
+    """A UserError for the first official key set to something other than its default whose
+    feature this code does not have."""
+    for key, feature in UNIMPLEMENTED_KEYS.items():
+        value, default = config, _C
+        for part in key.split("."):
+            value, default = value[part], default[part]
+        if value != default:
+            raise UserError(f"{key} is {value!r}, but {feature} is not implemented here; "
+                            f"only the official default {default!r} is accepted")
+
+
 def get_default_config() -> CN:
     """A mutable copy of the defaults."""
     return _C.clone()
@@ -181,6 +239,7 @@ def load_config(cfg_file: str, opts: Iterable[str] = ()) -> CN:
     config = get_default_config()
     _merge_file(config, cfg_file)
     _merge_opts(config, [str(o) for o in opts])
+    _check_unimplemented(config)
     config.freeze()
     return config
 
@@ -218,6 +277,7 @@ def get_config(args: argparse.Namespace) -> CN:
         if getattr(args, flag, False):
             pairs += [key, True]
     _merge_opts(config, pairs)  # typed values: yacs keeps them as they are
+    _check_unimplemented(config)
     config.LOCAL_RANK = int(os.environ.get("LOCAL_RANK", getattr(args, "local_rank", 0) or 0))
     config.OUTPUT = os.path.join(config.OUTPUT or "output", config.MODEL.NAME, config.TAG)
     config.freeze()

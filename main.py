@@ -123,21 +123,21 @@ def main(config: CfgNode, dist_info: DistInfo) -> None:
             if resume and resume != found[0]:
                 logger.warning(f"auto-resume: using {found[0]} (newer than --resume {resume})")
             resume = found[0]
-    start_epoch, max_accuracy = 0, 0.0
+    start_epoch, max_accuracy = config.TRAIN.START_EPOCH, 0.0
     if resume:
         checkpoint = found[1] if found else load_checkpoint_file(resume, config.TRUST_CHECKPOINTS)
         load_weights(model_without_ddp, model_state(checkpoint, resume), resume)
         logger.info(f"loaded weights from {resume}")
         if not config.EVAL_MODE and "optimizer" in checkpoint:
             optimizer.load_state_dict(checkpoint["optimizer"])
-            # The schedule follows from the config and the update count (the checkpoint's copy
-            # is kept for the official format): a run extended with --epochs gets the new one.
-            lr_scheduler.step_update((checkpoint["epoch"] + 1) * updates_per_epoch)
             if "scaler" in checkpoint:
                 precision.scaler.load_state_dict(checkpoint["scaler"])
             start_epoch = checkpoint["epoch"] + 1
             max_accuracy = checkpoint.get("max_accuracy", 0.0)
             logger.info(f"resuming training at epoch {start_epoch}")
+    # The schedule follows from the config and the update count (a checkpoint's copy is kept for
+    # the official format): a run extended with --epochs gets the new one.
+    lr_scheduler.step_update(start_epoch * updates_per_epoch)
 
     if config.EVAL_MODE:
         acc1, acc5, _ = validate(loader_val, model, precision, device, logger)

@@ -16,6 +16,11 @@ from config import UserError
 from utils import DistInfo, init_distributed, seed_everything
 
 
+# '' is the official config.py's placeholder, which the official main.py always replaces by its
+# --amp-opt-level default 'native'; here it means the same.
+AMP_OPT_LEVELS = ("", "native", "O0", "O1", "O2")
+
+
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
 
@@ -28,8 +33,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-path", type=str, help="path to dataset")
     parser.add_argument("--resume", help="resume from a checkpoint")
     parser.add_argument("--pretrained", help="fine-tune from these weights (a head of another size is dropped)")
-    parser.add_argument("--amp-opt-level", type=str, choices=["O0", "O1", "O2"],
-                        help="O0: no mixed precision; O1/O2: native mixed precision (apex is not used)")
+    parser.add_argument("--amp-opt-level", type=str, choices=AMP_OPT_LEVELS[1:],
+                        help="O0: no mixed precision; native (default), O1, O2: native mixed precision "
+                             "(apex is not used)")
     parser.add_argument("--amp-dtype", type=str, choices=["float16", "bfloat16"], help="mixed-precision type")
     parser.add_argument("--output", default="output", type=str, metavar="PATH",
                         help="root of output folders: <output>/<model name>/<tag>")
@@ -87,6 +93,9 @@ class Precision:
     autocast is only used on CUDA (a CPU run stays in float32 unless bfloat16 is asked for)."""
 
     def __init__(self, config: CfgNode, device: torch.device):
+        if config.AMP_OPT_LEVEL not in AMP_OPT_LEVELS:
+            raise UserError(f"AMP_OPT_LEVEL must be one of {', '.join(map(repr, AMP_OPT_LEVELS))}, "
+                            f"got {config.AMP_OPT_LEVEL!r}")
         dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(config.AMP_DTYPE)
         if dtype is None:
             raise UserError(f"AMP_DTYPE must be float16 or bfloat16, got {config.AMP_DTYPE!r}")

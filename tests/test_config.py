@@ -1,10 +1,12 @@
 """config.py: BASE inheritance, overrides, main.py flags, and errors that name the culprit."""
 import os
+import re
 
 import pytest
 import torch
+import yaml
 
-from config import UserError, get_config, load_config
+from config import UserError, get_config, get_default_config, load_config
 from main import parse_option, scale_learning_rates
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,3 +82,68 @@ def test_device_flag_errors_name_the_device(monkeypatch):
         with pytest.raises(UserError, match="--device cuda asked for CUDA, but no CUDA device is available"):
             init_distributed("cuda")
     assert init_distributed("cpu").device == torch.device("cpu")
+
+
+def flat_items(node, prefix: str = "") -> dict:
+    """{'A.B.C': value} for every leaf key of a (nested) mapping."""
+    items = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            items.update(flat_items(value, f"{prefix}{key}."))
+        else:
+            items[f"{prefix}{key}"] = value
+    return items
+
+
+def readme_section(title: str) -> str:
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    start = text.index(f"## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end >= 0 else None]
+
+
+# Official defaults kept different here, each explained in the README's "Differences" section.
+DIFFERING_DEFAULTS = {"AMP_OPT_LEVEL", "SAVE_FREQ", "PRINT_FREQ"}
+
+
+@pytest.mark.parametrize("repository", ["crossformer", "crossformer_pp"])
+def test_every_official_key_at_its_default_loads_and_differences_are_documented(repository):
+    path = os.path.join(ROOT, "tests", "fixtures", f"official_defaults_{repository}.yaml")
+    config = load_config(path)
+    with open(path, encoding="utf-8") as f:
+        official = flat_items(yaml.safe_load(f))
+    ours = flat_items(yaml.safe_load(get_default_config().dump()))
+    official.pop("BASE")
+    assert set(official) <= set(ours)
+    loaded = flat_items(yaml.safe_load(config.dump()))
+    assert all(loaded[key] == value or key == "MODEL.CROS.MLP_RATIO" for key, value in official.items())
+    differing = {key for key, value in official.items() if ours[key] != value and key != "MODEL.CROS.MLP_RATIO"}
+    assert differing <= DIFFERING_DEFAULTS
+    section = readme_section("Differences from the official code")
+    for key in DIFFERING_DEFAULTS:
+        assert f"`{key}`" in section
+
+
+@pytest.mark.parametrize("key,value", [
+    ("DATA.TOKEN_LABEL", True), ("MODEL.MIX_TOKEN", False), ("MODEL.LOSS.ALPHA4", 0.5),
+    ("LOG_OUTPUT", "logs"), ("MODEL.FROM_PRETRAIN", "ckpt.pth"),
+])
+def test_unimplemented_official_keys_only_take_their_default(tmp_path, key, value):
+    with pytest.raises(UserError, match=rf"^{re.escape(key)} is .*not implemented here; only the official default"):
+        load_config(TINY, [key, value])
+    args = parse_option(["--cfg", TINY, "--opts", key, str(value)])
+    with pytest.raises(UserError, match=re.escape(key)):
+        get_config(args)
+
+
+def test_amp_opt_levels():
+    from runtime import Precision
+
+    device = torch.device("cpu")
+    for level in ("", "native", "O1", "O2"):
+        assert Precision(load_config(TINY, ["AMP_OPT_LEVEL", level, "AMP_DTYPE", "bfloat16"]), device).enabled
+    assert not Precision(load_config(TINY, ["AMP_OPT_LEVEL", "O0", "AMP_DTYPE", "bfloat16"]), device).enabled
+    assert parse_option(["--cfg", TINY, "--amp-opt-level", "native"]).amp_opt_level == "native"
+    with pytest.raises(UserError, match="AMP_OPT_LEVEL must be one of .*got 'O3'"):
+        Precision(load_config(TINY, ["AMP_OPT_LEVEL", "O3"]), device)

@@ -474,3 +474,20 @@ def test_resume_with_more_epochs_follows_the_new_schedule(tmp_path):
         schedule.step_update(epoch * 4 + step + 1)  # the update just made when the line is printed
         expected = optimizer.param_groups[0]["lr"]
         assert lr == pytest.approx(expected, abs=1e-6), f"epoch {epoch} step {step}: lr {lr}, expected {expected:.6f}"
+
+
+def test_start_epoch_starts_a_fresh_run_at_that_epoch_of_the_schedule(tmp_path):
+    opts = ["DATA.DATASET", "fake", "DATA.FAKE_SIZE", 64, "TRAIN.WARMUP_EPOCHS", 0, "PRINT_FREQ", 1,
+            "TRAIN.START_EPOCH", 2]
+    result = run_main("--cfg", DEMO_CFG, "--output", tmp_path, "--num_workers", 0, "--batch-size", 16,
+                      "--epochs", 3, "--opts", *opts)
+    check_ok(result)
+    printed = {(int(e), int(step)): float(lr) for e, _, step, _, lr, _ in TRAIN_LINE.findall(result.stdout)}
+    assert sorted(printed) == [(2, s) for s in range(4)]
+    config = load_config(os.path.join(REPO, DEMO_CFG), ["TRAIN.EPOCHS", 3, "DATA.BATCH_SIZE", 16, *opts])
+    main.scale_learning_rates(config, world_size=1)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.TRAIN.BASE_LR)
+    schedule = build_scheduler(config, optimizer, 4)
+    schedule.step_update(2 * 4 + 3 + 1)
+    assert printed[(2, 3)] == pytest.approx(optimizer.param_groups[0]["lr"], abs=1e-6)
+    assert [json.loads(line)["epoch"] for line in (tmp_path / RUN_SUBDIR / "metrics.jsonl").read_text().splitlines()] == [2]
