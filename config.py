@@ -189,7 +189,19 @@ def _accept_scalar_mlp_ratio(data: dict) -> None:
         cros["MLP_RATIO"] = [float(cros["MLP_RATIO"])] * 4
 
 
+def _quote_strings(config: CN, data: dict) -> None:
+    """Quote the values of string keys: yacs reads values as Python literals, which would turn
+    GROUP_TYPE '7_14' into the number 714."""
+    for key, value in data.items():
+        default = config.get(key) if isinstance(config, CN) else None
+        if isinstance(value, dict):
+            _quote_strings(default, value)
+        elif isinstance(value, str) and isinstance(default, str):
+            data[key] = repr(value)
+
+
 def _merge(config: CN, data: dict, culprit: str) -> None:
+    _quote_strings(config, data)
     try:
         config.merge_from_other_cfg(CN(data))
     except (KeyError, ValueError, AssertionError) as err:
@@ -211,8 +223,15 @@ def _merge_file(config: CN, cfg_file: str, seen: tuple[str, ...] = ()) -> None:
 def _merge_opts(config: CN, opts: Sequence[str]) -> None:
     if len(opts) % 2:
         raise UserError(f"--opts needs KEY VALUE pairs, got an odd count: {list(opts)}")
+    opts = list(opts)
+    for i in range(0, len(opts), 2):
+        node = config
+        for part in opts[i].split("."):
+            node = node.get(part) if isinstance(node, CN) else None
+        if isinstance(node, str) and isinstance(opts[i + 1], str):
+            opts[i + 1] = repr(opts[i + 1])  # see _quote_strings
     try:
-        config.merge_from_list(list(opts))
+        config.merge_from_list(opts)
     except (KeyError, ValueError, AssertionError) as err:
         raise UserError(f"--opts: {err.args[0] if err.args else err}") from err
 

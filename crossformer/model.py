@@ -16,6 +16,7 @@ import math
 from functools import lru_cache
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
@@ -26,7 +27,8 @@ from torch.utils.checkpoint import checkpoint
 # Score given to padded keys. Finite, so a group made only of padding yields a uniform softmax
 # (its outputs are cut off) instead of NaN; small enough for float16.
 PADDED_KEY_SCORE = -1e4
-GROUP_TYPES = ("constant",)
+GROUP_TYPES = ("constant", "linear", "linear_div", "alter", "7_14")
+SMALLEST_PROGRESSIVE_GROUP = 4  # the group size the CrossFormer++ progressive group types start from
 
 
 def cross_scale_channels(out_dim: int, num_kernels: int) -> list[int]:
@@ -47,6 +49,49 @@ def conv_output_size(size: int, kernel_sizes: Sequence[int], stride: int) -> int
     """Spatial size after a cross-scale layer (all its kernels give the same size); <= 0 if too small."""
     kernel = kernel_sizes[0]
     return (size + 2 * ((kernel - stride) // 2) - kernel) // stride + 1
+
+
+def block_group_sizes(group_type: str, group_size: Sequence[int], depths: Sequence[int],
+                      resolution: int) -> list[list[int]]:
+    """The group size G of every block of every stage, as CrossFormer++ chooses it (GROUP_TYPE),
+    before the rule that a block whose map is no larger than G attends over the whole map.
+
+    ``resolution`` is the height of the first stage's map at the configured image size; stage ``i``
+    counts as ``resolution // 2**i`` rows. ``constant`` takes ``group_size[i]`` for every block of
+    stage ``i``; ``7_14`` halves it for the first four blocks of the third stage. The progressive
+    types give block ``k`` (counted over the whole model) the fraction ``f_k`` of its stage's
+    resolution, with ``f`` rising in equal steps from ``4 / resolution`` towards 1 over all blocks,
+    rounded up and at least 4 (``linear``). Where that is over half the stage's resolution,
+    ``linear_div`` takes the whole map, except in the third stage below three quarters, where it
+    takes half; ``alter`` takes the whole map, except in the third stage at even ``k``, where it
+    takes half.
+    """
+    if group_type not in GROUP_TYPES:
+        raise ValueError(f"unknown group_type {group_type!r}; known: {', '.join(GROUP_TYPES)}")
+    total = sum(depths)
+    fractions = np.zeros(total)  # a map of at most 4 rows: every progressive group is 4
+    if resolution > SMALLEST_PROGRESSIVE_GROUP:
+        start = SMALLEST_PROGRESSIVE_GROUP / resolution
+        # numpy's arange, as the official code uses it: its rounding decides a few ceilings.
+        fractions = np.arange(start, 1.0, (1 - start) / total)
+    sizes, block = [], 0
+    for stage, depth in enumerate(depths):
+        stage_resolution = resolution // 2 ** stage
+        sizes.append([])
+        for index in range(depth):
+            if group_type == "constant":
+                size = group_size[stage]
+            elif group_type == "7_14":
+                size = group_size[stage] // 2 if stage == 2 and index < 4 else group_size[stage]
+            else:
+                size = stage_resolution * fractions[block]
+                if group_type != "linear" and size > stage_resolution // 2:
+                    whole = size > stage_resolution * 3 / 4 if group_type == "linear_div" else block % 2 == 1
+                    size = stage_resolution if whole or stage != 2 else stage_resolution // 2
+                size = max(SMALLEST_PROGRESSIVE_GROUP, math.ceil(size))
+            sizes[-1].append(int(size))
+            block += 1
+    return sizes
 
 
 class PatchEmbed(nn.Module):
@@ -140,15 +185,40 @@ class DynamicPosBias(nn.Module):
         return self.pos3(self.pos2(self.pos1(self.pos_proj(offsets))))
 
 
+class RowConvPositionEncoding(nn.Conv2d):
+    """CrossFormer++'s convolutional position encoding (USE_CPE), computed as the official code
+    computes it: ``(B, H, W, C)`` -> same shape.
+
+    That code builds a depthwise 3x3 convolution with one channel per *row* of the stage's map at
+    the configured image size, and applies it to the channels-last ``(B, H, W, C)`` map as if it
+    were ``(N, C, H, W)``: each row is convolved over its (column, channel) plane with a kernel of
+    its own. It is kept that way so the official weights and results carry over. At another map
+    height the per-row kernels and biases are linearly interpolated along the rows.
+    """
+
+    def __init__(self, height: int):
+        super().__init__(height, height, kernel_size=3, padding=1, groups=height)
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.shape[1]
+        weight, bias = self.weight, self.bias
+        if rows != self.in_channels:
+            weight = F.interpolate(weight.reshape(1, self.in_channels, 9).transpose(1, 2), size=rows,
+                                   mode="linear", align_corners=False).transpose(1, 2).reshape(rows, 1, 3, 3)
+            bias = F.interpolate(bias.view(1, 1, -1), size=rows, mode="linear", align_corners=False).view(rows)
+        return F.conv2d(x, weight, bias, padding=1, groups=rows)
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention inside groups, with a dynamic position bias."""
+    """Multi-head self-attention inside groups, with a dynamic position bias (unless
+    ``position_bias`` is False: CrossFormer++ with CPE has none)."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_scale: float | None = None,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0):
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, position_bias: bool = True):
         super().__init__()
         self.num_heads = num_heads
         self.scale = qk_scale or (dim // num_heads) ** -0.5
-        self.pos = DynamicPosBias(dim // 4, num_heads)
+        self.pos = DynamicPosBias(dim // 4, num_heads) if position_bias else None
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
@@ -166,13 +236,19 @@ class Attention(nn.Module):
         table, index = relative_offsets(group, self.qkv.weight.device)
         return self.pos(table.to(self.qkv.weight.dtype))[index].permute(2, 0, 1)
 
-    def attention_mask(self, group: int, padded_keys: Tensor | None, batch: int) -> Tensor:
+    def attention_mask(self, group: int, padded_keys: Tensor | None, batch: int) -> Tensor | None:
         """Additive mask for ``scaled_dot_product_attention``: the position bias, and padded keys
-        (``padded_keys``: ``(num_groups, group**2)``, True where padded) pushed to ``PADDED_KEY_SCORE``."""
-        bias = self.position_bias(group)
+        (``padded_keys``: ``(num_groups, group**2)``, True where padded) pushed to ``PADDED_KEY_SCORE``;
+        None when there is neither."""
+        if self.pos is not None:
+            bias = self.position_bias(group).unsqueeze(0)
+        elif padded_keys is not None:
+            bias = torch.zeros(1, 1, group ** 2, group ** 2, device=padded_keys.device)
+        else:
+            return None
         if padded_keys is None:
-            return bias.unsqueeze(0)
-        mask = bias.unsqueeze(0).masked_fill(padded_keys[:, None, None, :], PADDED_KEY_SCORE)
+            return bias
+        mask = bias.masked_fill(padded_keys[:, None, None, :], PADDED_KEY_SCORE)
         return mask.unsqueeze(0).expand(batch, -1, -1, -1, -1).flatten(0, 1)
 
     def forward(self, x: Tensor, group: int, padded_keys: Tensor | None = None) -> Tensor:
@@ -180,7 +256,8 @@ class Attention(nn.Module):
         B, num_groups, N, C = x.shape
         qkv = self.qkv(x).view(B * num_groups, N, 3, self.num_heads, C // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        mask = self.attention_mask(group, padded_keys, B).to(q.dtype)
+        mask = self.attention_mask(group, padded_keys, B)
+        mask = mask.to(q.dtype) if mask is not None else None
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
                                            dropout_p=self.attn_drop if self.training else 0.0)
         x = x.transpose(1, 2).reshape(B, num_groups, N, C)
@@ -193,15 +270,22 @@ class CrossFormerBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, group_size: int, interval: int, use_lda: bool,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, qk_scale: float | None = None,
                  drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
-                 pad_type: int = 0, no_mask: bool = False, use_acl: bool = False):
+                 pad_type: int = 0, no_mask: bool = False, use_acl: bool = False,
+                 adaptive_interval: bool = False, cpe_height: int | None = None):
+        """``adaptive_interval``: LDA uses the interval ``ceil(max(H, W) / G)`` of the map it gets
+        instead of ``interval``. ``cpe_height``: use CrossFormer++'s CPE instead of the DPB, built
+        for a map of this height (the stage's height at the configured image size)."""
         super().__init__()
         self.group_size = group_size
         self.interval = interval
         self.use_lda = use_lda
+        self.adaptive_interval = adaptive_interval
         self.pad_type = pad_type
         self.no_mask = no_mask
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, num_heads, qkv_bias, qk_scale, attn_drop, drop)
+        self.cpe = RowConvPositionEncoding(cpe_height) if cpe_height else None
+        self.norm_cpe = nn.LayerNorm(dim) if cpe_height else None
+        self.attn = Attention(dim, num_heads, qkv_bias, qk_scale, attn_drop, drop, position_bias=not cpe_height)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
@@ -214,7 +298,11 @@ class CrossFormerBlock(nn.Module):
         """(group size, interval) used for an ``H x W`` map; interval 1 means SDA."""
         if min(H, W) <= self.group_size:
             return min(H, W), 1
-        return self.group_size, self.interval if self.use_lda else 1
+        if not self.use_lda:
+            return self.group_size, 1
+        if self.adaptive_interval:  # the official code: ceil(resolution / G), for its square maps
+            return self.group_size, math.ceil(max(H, W) / self.group_size)
+        return self.group_size, self.interval
 
     def padding(self, H: int, W: int) -> tuple[int, int, int, int]:
         """(top, bottom, left, right) zero rows/columns that make the map a multiple of a region."""
@@ -230,7 +318,10 @@ class CrossFormerBlock(nn.Module):
         group, interval = self.grouping(H, W)
         top, bottom, left, right = self.padding(H, W)
         shortcut = x
-        x = F.pad(self.norm1(x), (0, 0, left, right, top, bottom))
+        x = self.norm1(x)
+        if self.cpe is not None:
+            x = x + self.norm_cpe(self.cpe(x))
+        x = F.pad(x, (0, 0, left, right, top, bottom))
         Hp, Wp = x.shape[1:3]
         padded_keys = None
         if (bottom or right or top or left) and not self.no_mask:
@@ -245,13 +336,18 @@ class CrossFormerBlock(nn.Module):
 
     def flops(self, H: int, W: int) -> int:
         """Multiply-accumulates for an ``H x W`` map, counted like the official code: groups of
-        the unpadded map, and the DPB MLP once per query embedding; plus activation cooling."""
+        the unpadded map, and the DPB MLP once per query embedding; plus activation cooling and
+        CPE, which it leaves out."""
         dim = self.norm1.normalized_shape[0]
         tokens = self.grouping(H, W)[0] ** 2
-        pos_dim, heads = self.attn.pos.pos_dim, self.attn.num_heads
-        per_token = 4 * dim * dim + 2 * tokens * dim + 2 * pos_dim + 2 * pos_dim * pos_dim + pos_dim * heads
+        per_token = 4 * dim * dim + 2 * tokens * dim
+        if self.attn.pos is not None:
+            pos_dim, heads = self.attn.pos.pos_dim, self.attn.num_heads
+            per_token += 2 * pos_dim + 2 * pos_dim * pos_dim + pos_dim * heads
         flops = 2 * dim * H * W + H * W * per_token + 2 * H * W * dim * self.mlp.fc1.out_features
         if self.use_acl:
+            flops += H * W * dim * 9 + H * W * dim
+        if self.cpe is not None:
             flops += H * W * dim * 9 + H * W * dim
         return flops
 
@@ -259,16 +355,18 @@ class CrossFormerBlock(nn.Module):
 class Stage(nn.Module):
     """Blocks alternating SDA and LDA, then an optional cross-scale patch merging."""
 
-    def __init__(self, dim: int, depth: int, num_heads: int, group_size: int, interval: int,
+    def __init__(self, dim: int, depth: int, num_heads: int, group_sizes: Sequence[int], interval: int,
                  mlp_ratio: float, qkv_bias: bool, qk_scale: float | None, drop: float, attn_drop: float,
                  drop_path: Sequence[float], merge_size: Sequence[int] | None, pad_type: int,
-                 no_mask: bool, use_acl: bool):
+                 no_mask: bool, use_acl: bool, adaptive_interval: bool = False, cpe_height: int | None = None):
+        """``group_sizes``: one per block."""
         super().__init__()
         self.blocks = nn.ModuleList(
-            CrossFormerBlock(dim, num_heads, group_size, interval, use_lda=i % 2 == 1, mlp_ratio=mlp_ratio,
+            CrossFormerBlock(dim, num_heads, group_sizes[i], interval, use_lda=i % 2 == 1, mlp_ratio=mlp_ratio,
                              qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop, attn_drop=attn_drop,
                              drop_path=drop_path[i], pad_type=pad_type, no_mask=no_mask,
-                             use_acl=use_acl and (i + 1) % 3 == 0 and i < depth - 1)
+                             use_acl=use_acl and (i + 1) % 3 == 0 and i < depth - 1,
+                             adaptive_interval=adaptive_interval, cpe_height=cpe_height)
             for i in range(depth)
         )
         self.downsample = PatchMerging(dim, merge_size) if merge_size else None
@@ -297,7 +395,10 @@ class CrossFormer(nn.Module):
                  use_checkpoint: bool = False,
                  merge_size: Sequence[Sequence[int]] = ((2, 4), (2, 4), (2, 4)),
                  group_type: str = "constant", use_acl: bool = False, pad_type: int = 0,
-                 no_mask: bool = False):
+                 no_mask: bool = False, adaptive_interval: bool = False, use_cpe: bool = False):
+        """``group_type``, ``adaptive_interval``, ``use_cpe``: the CrossFormer++ options (see
+        :func:`block_group_sizes`, :class:`CrossFormerBlock`, :class:`RowConvPositionEncoding`);
+        group sizes and CPE are set for ``img_size``, intervals follow the map at run time."""
         super().__init__()
         num_stages = len(depths)
         for name, values in (("num_heads", num_heads), ("group_size", group_size), ("interval", interval)):
@@ -305,8 +406,6 @@ class CrossFormer(nn.Module):
                 raise ValueError(f"{name} needs one value per stage ({num_stages}), got {list(values)}")
         if len(merge_size) != num_stages - 1:
             raise ValueError(f"merge_size needs {num_stages - 1} kernel lists, got {list(merge_size)}")
-        if group_type not in GROUP_TYPES:
-            raise ValueError(f"unknown group_type {group_type!r}; known: {', '.join(GROUP_TYPES)}")
         if pad_type not in (0, 1):
             raise ValueError(f"pad_type must be 0 or 1, got {pad_type}")
         mlp_ratios = [mlp_ratio] * num_stages if isinstance(mlp_ratio, (int, float)) else list(mlp_ratio)
@@ -322,10 +421,14 @@ class CrossFormer(nn.Module):
             trunc_normal_(self.absolute_pos_embed, std=0.02)
         self.pos_drop = nn.Dropout(drop_rate)
         drop_paths = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        # The official code counts the first stage's resolution as image height // patch stride.
+        resolution = self.img_size[0] // patch_size[0]
+        self.group_sizes = block_group_sizes(group_type, group_size, depths, resolution)
         self.layers = nn.ModuleList(
-            Stage(embed_dim * 2 ** i, depths[i], num_heads[i], group_size[i], interval[i], mlp_ratios[i],
+            Stage(embed_dim * 2 ** i, depths[i], num_heads[i], self.group_sizes[i], interval[i], mlp_ratios[i],
                   qkv_bias, qk_scale, drop_rate, attn_drop_rate, drop_paths[sum(depths[:i]):sum(depths[:i + 1])],
-                  merge_size[i] if i < num_stages - 1 else None, pad_type, no_mask, use_acl)
+                  merge_size[i] if i < num_stages - 1 else None, pad_type, no_mask, use_acl,
+                  adaptive_interval, cpe_height=resolution // 2 ** i if use_cpe else None)
             for i in range(num_stages)
         )
         self.norm = nn.LayerNorm(self.num_features)

@@ -32,6 +32,8 @@ def _cross_scale(config: CfgNode) -> CrossFormer:
         use_acl=cros.USE_ACL,
         pad_type=cros.PAD_TYPE,
         no_mask=cros.NO_MASK,
+        adaptive_interval=cros.ADAPT_INTER,
+        use_cpe=cros.USE_CPE,
     )
 
 
