@@ -83,14 +83,14 @@ def write_run_config(config: CfgNode) -> None:
 
 def cpu_plan(num_workers: int, processes_here: int, cpus: int) -> tuple[int, int]:
     """``(data-loading workers, torch threads)`` per process so that the processes on this
-    machine, their workers and their threads together use no more than ``cpus`` cores: each
-    process gets an equal share, its workers (at most ``num_workers``) come out of that share,
-    and torch computes on what is left (at least one thread). More busy threads than cores
-    make torch's OpenMP threads wait on each other: a neighbour process then slows a run many
-    times over."""
+    machine, their workers and their threads together use no more than ``cpus`` cores (when
+    there are at least as many cores as processes): each process gets an equal share, keeps one
+    core of it for itself, gives at most ``num_workers`` of the rest to its workers, and torch
+    computes on what the workers leave. More busy threads than cores make torch's OpenMP
+    threads wait on each other: a neighbour process then slows a run many times over."""
     share = max(1, cpus // max(1, processes_here))
-    workers = min(num_workers, share)
-    return workers, max(1, share - workers)
+    workers = max(0, min(num_workers, share - 1))
+    return workers, share - workers
 
 
 def available_cpus() -> int:
