@@ -137,7 +137,8 @@ def main(config: CfgNode, dist_info: DistInfo) -> None:
                 precision.scaler.load_state_dict(checkpoint["scaler"])
             start_epoch = checkpoint["epoch"] + 1
             max_accuracy = checkpoint.get("max_accuracy", 0.0)
-            logger.info(f"resuming training at epoch {start_epoch}")
+            if start_epoch < config.TRAIN.EPOCHS:
+                logger.info(f"resuming training at epoch {start_epoch}")
 
     if config.EVAL_MODE:
         validate(loader_val, model, precision, device, logger)
@@ -226,6 +227,9 @@ def write_curves(output_dir: str, logger: logging.Logger) -> None:
         path = plot_run(output_dir)
     except ImportError:
         logger.info("matplotlib is not installed: no curves picture (pip install matplotlib, then python plot.py RUN_DIR)")
+        return
+    except Exception as err:  # noqa: BLE001 - a picture must never fail a finished training
+        logger.warning(f"could not draw the curves ({type(err).__name__}: {err}); try python plot.py {output_dir}")
         return
     logger.info(f"curves: {path}")
 
