@@ -32,7 +32,7 @@ from logger import JsonLinesWriter, ScalarWriter, create_logger, create_scalar_w
 from lr_scheduler import build_scheduler
 from models import build_model
 from optimizer import build_optimizer
-from plot import plot_run
+from plot import write_curves
 from runtime import Precision, add_common_arguments, check_finite, launch, setup_run
 from utils import (DistInfo, all_reduce_sum, epoch_seed, load_checkpoint_file, load_pretrained, load_weights,
                    model_state, newest_loadable_checkpoint, prune_checkpoints, save_checkpoint, seed_everything)
@@ -219,19 +219,6 @@ def best_epoch_summary(output_dir: str) -> str:
     best = max(records, key=lambda r: r["acc1"])  # the first of equal ones, as best.pth keeps it
     return (f"best Acc@1 {best['acc1']:.3f} (Acc@5 {best['acc5']:.3f}) at epoch {best['epoch']}, "
             f"weights in {os.path.join(output_dir, BEST_CHECKPOINT)}")
-
-
-def write_curves(output_dir: str, logger: logging.Logger) -> None:
-    """The run's curves as a PNG (plot.py); a run without matplotlib only gets a log line."""
-    try:
-        path = plot_run(output_dir)
-    except ImportError:
-        logger.info("matplotlib is not installed: no curves picture (pip install matplotlib, then python plot.py RUN_DIR)")
-        return
-    except Exception as err:  # noqa: BLE001 - a picture must never fail a finished training
-        logger.warning(f"could not draw the curves ({type(err).__name__}: {err}); try python plot.py {output_dir}")
-        return
-    logger.info(f"curves: {path}")
 
 
 def train_one_epoch(config: CfgNode, model: nn.Module, criterion: nn.Module, loader: Iterable,

@@ -8,6 +8,7 @@ main.py writes the same picture at the end of training.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import sys
@@ -73,6 +74,20 @@ def plot_run(run_dir: str, path: str = "") -> str:
     figure.savefig(temporary, format="png", dpi=100)
     os.replace(temporary, path)
     return path
+
+
+def write_curves(output_dir: str, logger: logging.Logger) -> None:
+    """``plot_run`` at the end of training: the path is logged; without matplotlib, or if drawing
+    fails, the log says so and training still ends normally."""
+    try:
+        path = plot_run(output_dir)
+    except ImportError:
+        logger.info("matplotlib is not installed: no curves picture (pip install matplotlib, then python plot.py RUN_DIR)")
+        return
+    except Exception as err:  # noqa: BLE001 - a picture must never fail a finished training
+        logger.warning(f"could not draw the curves ({type(err).__name__}: {err}); try python plot.py {output_dir}")
+        return
+    logger.info(f"curves: {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
