@@ -168,6 +168,13 @@ UNIMPLEMENTED_KEYS = {
     "WEIGHT_OUTPUT": "a separate checkpoint folder (checkpoints go to OUTPUT/<MODEL.NAME>/<TAG>)",
 }
 
+# ----------------------------------------------------------------------------- run folder hygiene
+_C.KEEP_CHECKPOINTS = 3  # newest ckpt_epoch_N.pth files kept (best.pth is kept besides); 0 keeps all
+
+# Evaluation and throughput runs write to <output>/<MODEL.NAME>/<TAG><suffix>, never into the
+# training run's folder.
+MODE_SUFFIXES = {"EVAL_MODE": "-eval", "THROUGHPUT_MODE": "-throughput"}
+
 
 def _read_yaml(path: str) -> dict:
     if not os.path.isfile(path):
@@ -298,6 +305,40 @@ def get_config(args: argparse.Namespace) -> CN:
     _merge_opts(config, pairs)  # typed values: yacs keeps them as they are
     _check_unimplemented(config)
     config.LOCAL_RANK = int(os.environ.get("LOCAL_RANK", getattr(args, "local_rank", 0) or 0))
-    config.OUTPUT = os.path.join(config.OUTPUT or "output", config.MODEL.NAME, config.TAG)
+    config.OUTPUT = run_folder(config)
+    check_values(config)
     config.freeze()
     return config
+
+
+def run_folder(config: CN) -> str:
+    """``<OUTPUT>/<MODEL.NAME>/<TAG>``, with ``-eval`` or ``-throughput`` after the tag for those
+    modes, so they never write into (or over) a training run's files."""
+    suffix = "".join(s for key, s in MODE_SUFFIXES.items() if config.get(key, False))
+    return os.path.join(config.OUTPUT or "output", config.MODEL.NAME, config.TAG + suffix)
+
+
+def _lookup(config: CN, key: str):
+    """The value of a dotted key, or None where the config has no such key."""
+    node = config
+    for part in key.split("."):
+        if not isinstance(node, CN) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+# the smallest value each key accepts, and the flag that sets it (named in the error)
+MINIMUM_VALUES = {"DATA.BATCH_SIZE": (1, "--batch-size"), "DATA.NUM_WORKERS": (0, "--num_workers"),
+                  "TRAIN.EPOCHS": (1, "--epochs"), "SAVE_FREQ": (1, ""), "PRINT_FREQ": (1, ""),
+                  "KEEP_CHECKPOINTS": (0, "")}
+
+
+def check_values(config: CN) -> None:
+    """UserError for values no run can use (one line naming the key), before anything starts."""
+    for key, (minimum, flag) in MINIMUM_VALUES.items():
+        value = _lookup(config, key)
+        if value is not None and value < minimum:
+            raise UserError(f"{key}{f' ({flag})' if flag else ''} must be at least {minimum}, got {value}")
+    if config.get("EVAL_MODE", False) and not (config.MODEL.RESUME or config.MODEL.PRETRAINED):
+        raise UserError("--eval needs weights to evaluate: pass --resume CHECKPOINT or --pretrained WEIGHTS")

@@ -71,6 +71,38 @@ class JsonLinesWriter:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
 
+    def keep_before(self, key: str, value: float) -> None:
+        """Drop the records whose ``key`` is ``value`` or more (say, the epochs a resumed run
+        trains again, so each appears once), and any line a kill cut short. The file is
+        rewritten to a temporary file and renamed into place."""
+        if not self.enabled or not os.path.isfile(self.path):
+            return
+        with open(self.path, encoding="utf-8") as f:
+            lines = [line for line in f if line.strip()]
+        kept = [record for record in read_metrics(os.path.dirname(self.path)) if key not in record or record[key] < value]
+        if len(kept) == len(lines):
+            return
+        temporary = f"{self.path}.tmp{os.getpid()}"
+        with open(temporary, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(record) + "\n" for record in kept)
+        os.replace(temporary, self.path)
+
+
+def read_metrics(output_dir: str) -> list[dict[str, Any]]:
+    """The records of ``output_dir/metrics.jsonl`` (empty when there is none); a line cut off by
+    a kill is skipped."""
+    path = os.path.join(output_dir, METRICS_FILE)
+    if not os.path.isfile(path):
+        return []
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
 
 class ScalarWriter(Protocol):
     """The part of TensorBoard's SummaryWriter the training loop uses."""
@@ -90,8 +122,10 @@ class NullScalarWriter:
         """Nothing to close."""
 
 
-def create_scalar_writer(output_dir: str, enabled: bool) -> ScalarWriter:
-    """TensorBoard writer for ``output_dir/tensorboard`` when enabled and installed, else a no-op."""
+def create_scalar_writer(output_dir: str, enabled: bool, purge_step: int | None = None) -> ScalarWriter:
+    """TensorBoard writer for ``output_dir/tensorboard`` when enabled and installed, else a no-op.
+    A resumed run passes ``purge_step`` (the first step it trains again): TensorBoard then hides
+    what the earlier run logged from that step on, so no step shows twice."""
     if not enabled:
         return NullScalarWriter()
     try:
@@ -99,4 +133,4 @@ def create_scalar_writer(output_dir: str, enabled: bool) -> ScalarWriter:
     except ImportError:
         _logger.info("tensorboard is not installed: no TensorBoard scalars are written")
         return NullScalarWriter()
-    return SummaryWriter(log_dir=os.path.join(output_dir, "tensorboard"))
+    return SummaryWriter(log_dir=os.path.join(output_dir, "tensorboard"), purge_step=purge_step)

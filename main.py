@@ -28,16 +28,18 @@ from yacs.config import CfgNode
 
 from config import UserError, get_config
 from data import build_loader
-from logger import JsonLinesWriter, create_logger, create_scalar_writer
+from logger import JsonLinesWriter, ScalarWriter, create_logger, create_scalar_writer, read_metrics
 from lr_scheduler import build_scheduler
 from models import build_model
 from optimizer import build_optimizer
+from plot import write_curves
 from runtime import Precision, add_common_arguments, check_finite, launch, setup_run
 from utils import (DistInfo, all_reduce_sum, epoch_seed, load_checkpoint_file, load_pretrained, load_weights,
-                   model_state, newest_loadable_checkpoint, save_checkpoint, seed_everything)
+                   model_state, newest_loadable_checkpoint, prune_checkpoints, save_checkpoint, seed_everything)
 
 # (warm-up passes, timed passes) of --throughput
 THROUGHPUT_PASSES = {"cuda": (50, 30), "cpu": (3, 10)}
+BEST_CHECKPOINT = "best.pth"
 
 
 def parse_option(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,10 +80,8 @@ def main(config: CfgNode, dist_info: DistInfo) -> None:
     """Build data, model and optimizer, resume, then evaluate, benchmark or train."""
     device = dist_info.device
     logger = create_logger(config.OUTPUT, dist_info.rank)
-    if dist_info.is_main:
-        with open(os.path.join(config.OUTPUT, "config.yaml"), "w") as f:
-            f.write(config.dump())
     logger.info(f"world size {dist_info.world_size}, device {device}, output {config.OUTPUT}")
+    logger.info(f"per process: {config.DATA.NUM_WORKERS} data-loading workers, {torch.get_num_threads()} torch threads")
 
     dataset_train, dataset_val, loader_train, loader_val, mixup_fn = build_loader(
         config, dist_info.rank, dist_info.world_size)
@@ -134,15 +134,22 @@ def main(config: CfgNode, dist_info: DistInfo) -> None:
                 precision.scaler.load_state_dict(checkpoint["scaler"])
             start_epoch = checkpoint["epoch"] + 1
             max_accuracy = checkpoint.get("max_accuracy", 0.0)
-            logger.info(f"resuming training at epoch {start_epoch}")
+            if start_epoch < config.TRAIN.EPOCHS:
+                logger.info(f"resuming training at epoch {start_epoch}")
     # The schedule follows from the config and the update count (a checkpoint's copy is kept for
     # the official format): a run extended with --epochs gets the new one.
     lr_scheduler.step_update(start_epoch * updates_per_epoch)
 
     if config.EVAL_MODE:
-        acc1, acc5, _ = validate(loader_val, model, precision, device, logger)
-        logger.info(f"Accuracy of the network on the {len(dataset_val)} test images: {acc1:.1f}%")
+        validate(loader_val, model, precision, device, logger)
         return
+    if start_epoch >= config.TRAIN.EPOCHS:
+        logger.info(f"the run is complete: all {config.TRAIN.EPOCHS} epochs are trained ({resume}), nothing to do; "
+                    f"to train longer, relaunch with --epochs N (N > {config.TRAIN.EPOCHS})")
+        return
+    logger.info(f"learning rates for a global batch of {config.DATA.BATCH_SIZE * dist_info.world_size}"
+                f"{f' x {accumulation} accumulation steps' if accumulation > 1 else ''}: "
+                f"base {config.TRAIN.BASE_LR:.4e}, warmup {config.TRAIN.WARMUP_LR:.4e}, min {config.TRAIN.MIN_LR:.4e}")
 
     train(config, dist_info, model, model_without_ddp, loader_train, loader_val, dataset_val, mixup_fn,
           optimizer, lr_scheduler, precision, start_epoch, max_accuracy, updates_per_epoch, logger)
@@ -154,20 +161,22 @@ def train(config: CfgNode, dist_info: DistInfo, model: nn.Module, model_without_
           updates_per_epoch: int, logger: logging.Logger) -> None:
     """The epoch loop: train, validate, save checkpoints and metrics."""
     criterion = build_criterion(config, mixup_fn is not None)
+    steps_per_epoch = updates_per_epoch * max(1, config.TRAIN.ACCUMULATION_STEPS)
     metrics = JsonLinesWriter(config.OUTPUT, dist_info.rank)
-    scalars = create_scalar_writer(config.OUTPUT, enabled=dist_info.is_main)
+    metrics.keep_before("epoch", start_epoch)  # epochs trained again after a resume appear once
+    scalars = create_scalar_writer(config.OUTPUT, enabled=dist_info.is_main,
+                                   purge_step=start_epoch * steps_per_epoch if start_epoch else None)
     logger.info("Start training")
     start_time = time.time()
     for epoch in range(start_epoch, config.TRAIN.EPOCHS):
         seed_everything(epoch_seed(config.SEED, epoch, dist_info.rank))
         loader_train.sampler.set_epoch(epoch)
         train_loss = train_one_epoch(config, model, criterion, loader_train, optimizer, epoch, mixup_fn,
-                                     lr_scheduler, precision, updates_per_epoch, dist_info, logger)
+                                     lr_scheduler, precision, updates_per_epoch, dist_info, logger, scalars=scalars)
         acc1, acc5, val_loss = validate(loader_val, model, precision, dist_info.device, logger)
-        logger.info(f"Accuracy of the network on the {len(dataset_val)} test images: {acc1:.1f}%")
         improved = acc1 > max_accuracy
         max_accuracy = max(max_accuracy, acc1)
-        logger.info(f"Max accuracy: {max_accuracy:.2f}%")
+        saved = []
         if dist_info.is_main:
             state = {
                 "model": model_without_ddp.state_dict(),
@@ -178,28 +187,47 @@ def train(config: CfgNode, dist_info: DistInfo, model: nn.Module, model_without_
                 "max_accuracy": max_accuracy,
                 "config": config.dump(),
             }
+            if hasattr(dataset_val, "classes"):  # image folders: predict.py names the classes
+                state["classes"] = list(dataset_val.classes)
             last = epoch == config.TRAIN.EPOCHS - 1
             if epoch % config.SAVE_FREQ == 0 or last:
-                path = os.path.join(config.OUTPUT, f"ckpt_epoch_{epoch}.pth")
-                save_checkpoint(state, path)
-                logger.info(f"{path} saved")
+                save_checkpoint(state, os.path.join(config.OUTPUT, f"ckpt_epoch_{epoch}.pth"))
+                saved.append(f"ckpt_epoch_{epoch}.pth")
+                prune_checkpoints(config.OUTPUT, config.KEEP_CHECKPOINTS)
             if improved:
-                save_checkpoint(state, os.path.join(config.OUTPUT, "best.pth"))
+                save_checkpoint(state, os.path.join(config.OUTPUT, BEST_CHECKPOINT))
+                saved.append(BEST_CHECKPOINT)
             record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "acc1": acc1, "acc5": acc5,
                       "max_accuracy": max_accuracy, "lr": optimizer.param_groups[0]["lr"]}
             metrics.write(record)
             for key in ("train_loss", "val_loss", "acc1", "acc5", "lr"):
-                scalars.add_scalar(key, record[key], epoch)
+                scalars.add_scalar(f"epoch/{key}", record[key], (epoch + 1) * steps_per_epoch)
+        logger.info(f"Max accuracy: {max_accuracy:.2f}%" + (f"; saved {', '.join(saved)} in {config.OUTPUT}" if saved else ""))
     scalars.close()
-    logger.info(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+    summary = f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}"
+    if dist_info.is_main:
+        summary += "; " + best_epoch_summary(config.OUTPUT)
+        write_curves(config.OUTPUT, logger)
+    logger.info(summary)
+
+
+def best_epoch_summary(output_dir: str) -> str:
+    """Which epoch was best, its top-1, and where ``best.pth`` is (from ``metrics.jsonl``)."""
+    records = [r for r in read_metrics(output_dir) if "acc1" in r]
+    if not records:
+        return "no epoch was validated"
+    best = max(records, key=lambda r: r["acc1"])  # the first of equal ones, as best.pth keeps it
+    return (f"best Acc@1 {best['acc1']:.3f} (Acc@5 {best['acc5']:.3f}) at epoch {best['epoch']}, "
+            f"weights in {os.path.join(output_dir, BEST_CHECKPOINT)}")
 
 
 def train_one_epoch(config: CfgNode, model: nn.Module, criterion: nn.Module, loader: Iterable,
                     optimizer: Optimizer, epoch: int, mixup_fn: Mixup | None, lr_scheduler: Scheduler,
                     precision: Precision, updates_per_epoch: int, dist_info: DistInfo,
-                    logger: logging.Logger) -> float:
+                    logger: logging.Logger, scalars: ScalarWriter | None = None) -> float:
     """One epoch; every case (AMP or not, accumulation or not, DDP or not) takes the same path.
-    Losses and norms stay on the device; the host reads them only every PRINT_FREQ steps."""
+    Losses and norms stay on the device; the host reads them only every PRINT_FREQ steps, which
+    is also when loss, LR and grad-norm go to ``scalars`` (TensorBoard), by global step."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
     device = dist_info.device
@@ -240,14 +268,21 @@ def train_one_epoch(config: CfgNode, model: nn.Module, criterion: nn.Module, loa
             check_finite(bad_step, f"epoch {epoch}")
             batch_time = (time.time() - start) / (idx + 1)
             eta = batch_time * (num_steps - idx - 1)
-            memory = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else 0.0
+            eta_run = eta + batch_time * num_steps * (config.TRAIN.EPOCHS - epoch - 1)  # validation not counted
+            lr, loss_now, norm_now = optimizer.param_groups[0]["lr"], last_loss.item(), grad_norm.item()
+            memory = f"\tmem {torch.cuda.max_memory_allocated() / 2 ** 20:.0f}MB" if device.type == "cuda" else ""
             logger.info(
                 f"Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{num_steps}]\t"
-                f"eta {datetime.timedelta(seconds=int(eta))} lr {optimizer.param_groups[0]['lr']:.6f}\t"
+                f"eta {datetime.timedelta(seconds=int(eta))} (run {datetime.timedelta(seconds=int(eta_run))}) "
+                f"lr {lr:.4e}\t"
                 f"time {time.time() - batch_start:.4f} ({batch_time:.4f})\t"
-                f"loss {last_loss.item():.4f} ({loss_sum.item() / (idx + 1):.4f})\t"
-                f"grad_norm {grad_norm.item():.4f} ({norm_sum.item() / max(1, (idx + 1) // accumulation):.4f})\t"
-                f"mem {memory:.0f}MB")
+                f"loss {loss_now:.4f} ({loss_sum.item() / (idx + 1):.4f})\t"
+                f"grad_norm {norm_now:.4f} ({norm_sum.item() / max(1, (idx + 1) // accumulation):.4f})"
+                f"{memory}")
+            if scalars is not None:
+                step = epoch * num_steps + idx
+                for key, value in (("loss", loss_now), ("lr", lr), ("grad_norm", norm_now)):
+                    scalars.add_scalar(f"train/{key}", value, step)
         batch_start = time.time()
     check_finite(bad_step, f"epoch {epoch}")
     logger.info(f"EPOCH {epoch} training takes {datetime.timedelta(seconds=int(time.time() - start))}")
@@ -271,7 +306,7 @@ def validate(loader: Iterable, model: nn.Module, precision: Precision, device: t
                                torch.tensor(len(targets), device=device)]).double()
     correct1, correct5, loss_sum, count = all_reduce_sum(totals).tolist()
     acc1, acc5, loss = 100 * correct1 / count, 100 * correct5 / count, loss_sum / count
-    logger.info(f" * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f}")
+    logger.info(f" * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} loss {loss:.4f} on {int(count)} val images")
     return acc1, acc5, loss
 
 
@@ -293,7 +328,7 @@ def throughput(loader: Iterable, model: nn.Module, precision: Precision, device:
             model(images)
         if device.type == "cuda":
             torch.cuda.synchronize()
-    logger.info(f"batch_size {images.shape[0]} throughput {timed * images.shape[0] / (time.time() - start)}")
+    logger.info(f"batch_size {images.shape[0]} throughput {timed * images.shape[0] / (time.time() - start):.1f} images/s")
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ from utils import DistInfo, init_distributed, seed_everything
 # '' is the official config.py's placeholder, which the official main.py always replaces by its
 # --amp-opt-level default 'native'; here it means the same.
 AMP_OPT_LEVELS = ("", "native", "O0", "O1", "O2")
+CONFIG_FILE = "config.yaml"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -62,14 +63,61 @@ def prepare_output(path: str) -> None:
 
 
 def setup_run(config: CfgNode) -> DistInfo:
-    """Join the process group (if launched), create the run folder, seed, set cuDNN flags."""
+    """Join the process group (if launched), create the run folder, write its ``config.yaml``,
+    share the CPUs out (data-loading workers, torch threads), seed, set cuDNN flags."""
     dist_info = init_distributed(config.DEVICE)
     prepare_output(config.OUTPUT)
+    if dist_info.is_main:
+        write_run_config(config)
+    limit_cpu_use(config, dist_info)
     seed_everything(config.SEED + dist_info.rank)
     torch.backends.cudnn.benchmark = not config.DETERMINISTIC
     if config.DETERMINISTIC:
         torch.use_deterministic_algorithms(True, warn_only=True)
     return dist_info
+
+
+def write_run_config(config: CfgNode) -> None:
+    """``config.yaml`` in the run folder: the config as asked for (file, --opts, flags), written
+    before any value is derived from it (scaled learning rates, capped worker counts), so
+    passing it back as ``--cfg`` reproduces the run."""
+    with open(os.path.join(config.OUTPUT, CONFIG_FILE), "w", encoding="utf-8") as f:
+        f.write(config.dump())
+
+
+def cpu_plan(num_workers: int, processes_here: int, cpus: int) -> tuple[int, int]:
+    """``(data-loading workers, torch threads)`` per process so that the processes on this
+    machine, their workers and their threads together use no more than ``cpus`` cores (when
+    there are at least as many cores as processes): each process gets an equal share, keeps one
+    core of it for itself, gives at most ``num_workers`` of the rest to its workers, and torch
+    computes on what the workers leave. More busy threads than cores make torch's OpenMP
+    threads wait on each other: a neighbour process then slows a run many times over."""
+    share = max(1, cpus // max(1, processes_here))
+    workers = max(0, min(num_workers, share - 1))
+    return workers, share - workers
+
+
+def available_cpus() -> int:
+    """Cores this process may run on (its affinity mask, e.g. under taskset or a container)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def limit_cpu_use(config: CfgNode, dist_info: DistInfo) -> None:
+    """Apply ``cpu_plan``: cap DATA.NUM_WORKERS, and set torch's thread count unless the user
+    chose one through OMP_NUM_THREADS (torchrun sets it to 1 for several processes)."""
+    processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", dist_info.world_size))
+    asked = config.DATA.NUM_WORKERS if "DATA" in config and "NUM_WORKERS" in config.DATA else 0
+    workers, threads = cpu_plan(asked, processes_here, available_cpus())
+    if workers != asked:
+        frozen = config.is_frozen()
+        config.defrost()
+        config.DATA.NUM_WORKERS = workers
+        if frozen:
+            config.freeze()
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(threads)
 
 
 def launch(job: Callable[[], None]) -> int:

@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import io
 import logging
 import os
+import pickletools
 import random
 import re
+import zipfile
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -111,23 +115,89 @@ def save_checkpoint(state: dict, path: str) -> None:
 def load_checkpoint_file(path: str, trust: bool = False) -> dict:
     """Read a checkpoint with ``torch.load(weights_only=True)``: tensors and plain containers only,
     so nothing in the file can run. A file that needs full unpickling is refused unless ``trust``.
-    Any failure is a UserError naming the file and the reason."""
+    Any failure is a UserError naming the file and the reason: not found, not a checkpoint at
+    all, refused (naming the Python objects it imports), or damaged."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
+    file_format = _checkpoint_format(path)
+    if file_format == "empty":
+        raise UserError(f"cannot read checkpoint {path}: the file is empty (damaged)")
+    if file_format is None:
+        raise UserError(f"{path} is not a checkpoint: not a file written by torch.save")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for damaged or foreign files
-        refused = re.search(r"WeightsUnpickler error: (.*)", str(err))
-        if refused is None:
+        unsafe = _unsafe_globals(path, file_format)
+        if not unsafe:
             raise UserError(f"cannot read checkpoint {path}: damaged or not a PyTorch file "
                             f"({type(err).__name__}: {_first_line(err)[:200]})") from err
         if not trust:
-            raise UserError(f"refusing to load {path}: it needs full unpickling, which can run code "
-                            f"({refused.group(1).split(' was not an allowed')[0]}); pass --trust-checkpoints only if you trust the file") from err
+            raise UserError(f"refusing to load {path}: it needs full unpickling, which can run code (it imports "
+                            f"{', '.join(unsafe[:5])}); pass --trust-checkpoints only if you trust the file") from err
         checkpoint = _load_trusted(path)
     if not isinstance(checkpoint, dict):
         raise UserError(f"{path} is not a checkpoint: it holds a {type(checkpoint).__name__}, not a dict")
     return checkpoint
+
+
+def _checkpoint_format(path: str) -> str | None:
+    """From the first bytes: ``"zip"`` (torch.save since torch 1.6, maybe truncated),
+    ``"legacy"`` (an older torch.save: a pickle stream), ``"empty"``, or None for anything else
+    (a text file, an image, ...)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        return "empty"
+    if head == ZIP_MAGIC:
+        return "zip"
+    return "legacy" if len(head) >= 2 and head[0] == PICKLE_PROTO and 2 <= head[1] <= 5 else None
+
+
+def _unsafe_globals(path: str, file_format: str) -> list[str]:
+    """The Python objects (``module.name``) a checkpoint imports that ``weights_only`` loading
+    refuses; empty when the file cannot be read that far (it is damaged). Zip checkpoints are
+    asked through torch's own ``get_unsafe_globals_in_checkpoint``. It does not read the legacy
+    format (nor exists before torch 2.5): there the pickle opcodes are listed without running
+    them, and every import outside torch is reported."""
+    if file_format == "zip" and hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):
+        try:
+            return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        except Exception:  # noqa: BLE001 - a file it cannot parse is a damaged one
+            return []
+    try:
+        if file_format == "zip":
+            with zipfile.ZipFile(path) as archive:
+                name = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
+                imports = _pickle_imports(io.BytesIO(archive.read(name)))
+        else:
+            with open(path, "rb") as f:  # pickles: magic number, protocol, system info, the object
+                imports = [name for _ in range(LEGACY_PICKLES) for name in _pickle_imports(f)]
+    except Exception:  # noqa: BLE001 - truncated or not a pickle
+        return []
+    return sorted({name for name in imports if name.split(".")[0] not in SAFE_PICKLE_MODULES})
+
+
+ZIP_MAGIC = b"PK\x03\x04"
+PICKLE_PROTO = 0x80  # first byte of a pickle of protocol 2 or later
+LEGACY_PICKLES = 4
+# modules whose objects torch's weights-only unpickler rebuilds (tensors, storages, containers)
+SAFE_PICKLE_MODULES = ("torch", "collections", "builtins", "_codecs")
+
+
+def _pickle_imports(stream: BinaryIO) -> list[str]:
+    """``module.name`` of every GLOBAL / STACK_GLOBAL in the next pickle of ``stream``, read with
+    ``pickletools`` (which decodes opcodes and never imports or calls anything)."""
+    names, strings = [], []
+    for opcode, argument, _ in pickletools.genops(stream):
+        if opcode.name == "GLOBAL":
+            names.append(argument.replace(" ", "."))
+        elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+            names.append(f"{strings[-2]}.{strings[-1]}")
+        elif isinstance(argument, str):
+            strings.append(argument)
+        if opcode.name == "STOP":
+            break
+    return names
 
 
 def _load_trusted(path: str) -> dict:
@@ -204,3 +274,14 @@ def newest_loadable_checkpoint(output_dir: str, logger: logging.Logger,
         except UserError as err:
             logger.warning(f"skipping damaged checkpoint {path}: {err}")
     return None
+
+
+def prune_checkpoints(output_dir: str, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` ``ckpt_epoch_N.pth`` files (``keep`` 0 keeps all);
+    ``best.pth`` is not an epoch checkpoint and stays. Returns the deleted paths."""
+    if keep <= 0:
+        return []
+    deleted = [path for _, path in epoch_checkpoints(output_dir)[keep:]]
+    for path in deleted:
+        os.remove(path)
+    return deleted

@@ -92,6 +92,9 @@ def build_datasets(config: CfgNode, rank: int = 0, world_size: int = 1) -> tuple
                          random_offset=FAKE_VAL_OFFSET))
     root = config.DATA.DATA_PATH
     if name == "digits":
+        if root and not os.path.isdir(root):  # a typo must not become a new folder of digits
+            raise UserError(f"dataset folder not found: {root} (the digits are written only into an existing "
+                            "folder; leave --data-path out to use ~/.cache/crossformer/digits)")
         root = ensure_digits_folder(root)
     check_data_path(root)
     if config.DATA.ZIP_MODE:

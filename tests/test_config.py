@@ -53,7 +53,7 @@ def test_main_flags_land_in_the_official_keys(monkeypatch):
     args = parse_option(["--cfg", TINY, "--batch-size", "32", "--data-path", "/data", "--zip", "--cache-mode", "full",
                          "--accumulation-steps", "4", "--use-checkpoint", "--amp-opt-level", "O0", "--amp-dtype",
                          "bfloat16", "--epochs", "9", "--lr", "0.001", "--seed", "5", "--tag", "t", "--eval",
-                         "--local-rank", "3", "--opts", "MODEL.NUM_CLASSES", "100"])
+                         "--resume", "ckpt.pth", "--local-rank", "3", "--opts", "MODEL.NUM_CLASSES", "100"])
     config = get_config(args)
     assert (config.DATA.BATCH_SIZE, config.DATA.DATA_PATH, config.DATA.ZIP_MODE, config.DATA.CACHE_MODE) == \
         (32, "/data", True, "full")
@@ -61,7 +61,8 @@ def test_main_flags_land_in_the_official_keys(monkeypatch):
     assert (config.AMP_OPT_LEVEL, config.AMP_DTYPE, config.TRAIN.BASE_LR, config.SEED) == ("O0", "bfloat16", 1e-3, 5)
     assert config.EVAL_MODE and not config.THROUGHPUT_MODE and config.LOCAL_RANK == 3
     assert config.MODEL.NUM_CLASSES == 100
-    assert config.OUTPUT == os.path.join("output", "cros_tiny_patch4_group7_224", "t")
+    assert config.MODEL.RESUME == "ckpt.pth"
+    assert config.OUTPUT == os.path.join("output", "cros_tiny_patch4_group7_224", "t-eval")  # never the training run's
 
 
 def test_learning_rates_scale_with_global_batch_and_accumulation():

@@ -232,6 +232,7 @@ def test_corrupt_image_in_zip_names_archive_and_entry(folder, num_workers):
 
 def test_digits_written_once_then_reused(tmp_path):
     root = tmp_path / "digits"
+    root.mkdir()  # the digits are written only into an existing folder
     config = make_config(root, *NO_AUG, "DATA.DATASET", "digits", "MODEL.NUM_CLASSES", 10)
     dataset_train, dataset_val, *_ = build_loader(config)
     assert dataset_train.classes == [str(digit) for digit in range(10)]

@@ -30,7 +30,7 @@ RUN_DIR = ("cros_demo_digits", "default")
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("digits") / "digits")
+    return str(tmp_path_factory.mktemp("digits"))  # an existing folder: main.py writes the digits into it
 
 
 def command(digits_path, output, *extra):

@@ -39,6 +39,7 @@ from utils import DistInfo
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CFG = "configs/demo/digits.yaml"
 RUN_SUBDIR = os.path.join("cros_demo_digits", "default")
+RUN_SUBDIR_EVAL = RUN_SUBDIR + "-eval"  # --eval runs write beside the training run, never into it
 DIGITS_VAL_IMAGES = 360
 TIMEOUT_S = 300
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
@@ -175,7 +176,7 @@ def test_eval_resume_prints_the_training_accuracy(trained, eval_one_rank):
     check_ok(eval_one_rank.result)
     assert eval_one_rank.acc == [trained.acc[-1]]
     assert "Train:" not in eval_one_rank.result.stdout
-    assert f"on the {DIGITS_VAL_IMAGES} test images" in eval_one_rank.result.stdout
+    assert f"on {DIGITS_VAL_IMAGES} val images" in eval_one_rank.result.stdout
 
 
 # ----------------------------------------------------------------------------- 3. throughput
@@ -242,7 +243,7 @@ def test_two_rank_eval_with_uneven_shards_matches_one_rank(trained, eval_one_ran
     check_ok(result)
     assert "world size 2" in result.stdout
     assert accuracies(result.stdout) == eval_one_rank.acc
-    assert f"on the {DIGITS_VAL_IMAGES} test images" in result.stdout
+    assert f"on {DIGITS_VAL_IMAGES} val images" in result.stdout
 
 
 def test_distributed_launch_eval_matches_one_rank(trained, eval_one_rank, digits_dir, tmp_path):
@@ -253,7 +254,7 @@ def test_distributed_launch_eval_matches_one_rank(trained, eval_one_rank, digits
     check_ok(result)
     assert "world size 2" in result.stdout
     assert accuracies(result.stdout) == eval_one_rank.acc
-    assert (tmp_path / RUN_SUBDIR / "log_rank1.txt").is_file()
+    assert (tmp_path / RUN_SUBDIR_EVAL / "log_rank1.txt").is_file()
 
 
 # ----------------------------------------------------------------------------- in-process helpers
@@ -449,7 +450,7 @@ def test_zip_mode_eval_matches_folder_mode(trained, eval_one_rank, digits_dir, t
                       "--num_workers", 0, "--zip", "--eval", "--resume", trained.ckpt,
                       "--opts", "DATA.DATASET", "imagenet")
     check_ok(result)
-    assert f"on the {DIGITS_VAL_IMAGES} test images" in result.stdout
+    assert f"on {DIGITS_VAL_IMAGES} val images" in result.stdout
     assert accuracies(result.stdout) == eval_one_rank.acc
 
 
