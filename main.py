@@ -14,12 +14,13 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.scheduler.scheduler import Scheduler
+from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
@@ -32,9 +33,10 @@ from logger import JsonLinesWriter, create_logger, create_scalar_writer
 from lr_scheduler import build_scheduler
 from models import build_model
 from optimizer import build_optimizer
-from runtime import Precision, add_common_arguments, check_finite, launch, setup_run
-from utils import (DistInfo, all_reduce_sum, epoch_seed, load_checkpoint_file, load_pretrained, load_weights,
-                   model_state, newest_loadable_checkpoint, save_checkpoint, seed_everything)
+from runtime import CheckpointClock, Precision, StopSignals, add_common_arguments, check_finite, launch, setup_run
+from utils import (DistInfo, all_reduce_sum, derive_seed, load_checkpoint_file, load_pretrained, load_weights,
+                   model_state, newest_loadable_checkpoint, remove_step_checkpoints, resume_position,
+                   save_checkpoint, seed_everything, step_checkpoint_path)
 
 # (warm-up passes, timed passes) of --throughput
 THROUGHPUT_PASSES = {"cuda": (50, 30), "cpu": (3, 10)}
@@ -91,12 +93,15 @@ def main(config: CfgNode, dist_info: DistInfo) -> None:
     precision = Precision(config, device)
     logger.info(f"precision: {precision}")
 
+    # --eval with MODEL_EMA_EVAL scores a checkpoint's EMA weights
+    weights_key = "model_ema" if config.EVAL_MODE and config.MODEL_EMA_EVAL else "model"
     if config.MODEL.PRETRAINED and not config.MODEL.RESUME:
-        skipped = load_pretrained(model, config.MODEL.PRETRAINED, config.TRUST_CHECKPOINTS)
+        skipped = load_pretrained(model, config.MODEL.PRETRAINED, config.TRUST_CHECKPOINTS, weights_key)
         if skipped:
             logger.warning(f"{config.MODEL.PRETRAINED}: the head has another class count; skipped {skipped}, "
                            "the new head starts fresh")
         logger.info(f"loaded pretrained weights from {config.MODEL.PRETRAINED}")
+    ema = ModelEmaV3(model, decay=config.MODEL_EMA_DECAY) if config.MODEL_EMA and not config.EVAL_MODE else None
 
     model_without_ddp = model
     if dist_info.world_size > 1:
@@ -123,21 +128,32 @@ def main(config: CfgNode, dist_info: DistInfo) -> None:
             if resume and resume != found[0]:
                 logger.warning(f"auto-resume: using {found[0]} (newer than --resume {resume})")
             resume = found[0]
-    start_epoch, max_accuracy = 0, 0.0
+    start_epoch, start_step, max_accuracy, epoch_sums = 0, 0, 0.0, {}
     if resume:
         checkpoint = found[1] if found else load_checkpoint_file(resume, config.TRUST_CHECKPOINTS)
-        load_weights(model_without_ddp, model_state(checkpoint, resume), resume)
-        logger.info(f"loaded weights from {resume}")
+        load_weights(model_without_ddp, model_state(checkpoint, resume, weights_key), resume)
+        logger.info(f"loaded {'EMA ' if weights_key == 'model_ema' else ''}weights from {resume}")
         if not config.EVAL_MODE and "optimizer" in checkpoint:
             optimizer.load_state_dict(checkpoint["optimizer"])
+            start_epoch, start_step = resume_position(checkpoint)
             # The schedule follows from the config and the update count (the checkpoint's copy
             # is kept for the official format): a run extended with --epochs gets the new one.
-            lr_scheduler.step_update((checkpoint["epoch"] + 1) * updates_per_epoch)
+            lr_scheduler.step_update(start_epoch * updates_per_epoch + start_step // accumulation)
             if "scaler" in checkpoint:
                 precision.scaler.load_state_dict(checkpoint["scaler"])
-            start_epoch = checkpoint["epoch"] + 1
             max_accuracy = checkpoint.get("max_accuracy", 0.0)
-            logger.info(f"resuming training at epoch {start_epoch}")
+            epoch_sums = checkpoint.get("epoch_sums", {})
+            if ema is not None:
+                if "model_ema" in checkpoint:
+                    load_weights(ema.module, checkpoint["model_ema"], resume)
+                else:
+                    ema.set(model_without_ddp)
+                    logger.warning(f"{resume} holds no EMA weights: the EMA starts from the loaded weights")
+            if start_step:
+                logger.info(f"resuming training inside epoch {start_epoch} at step {start_step} of "
+                            f"{updates_per_epoch * accumulation}")
+            else:
+                logger.info(f"resuming training at epoch {start_epoch}")
 
     if config.EVAL_MODE:
         acc1, acc5, _ = validate(loader_val, model, precision, device, logger)
@@ -145,51 +161,115 @@ def main(config: CfgNode, dist_info: DistInfo) -> None:
         return
 
     train(config, dist_info, model, model_without_ddp, loader_train, loader_val, dataset_val, mixup_fn,
-          optimizer, lr_scheduler, precision, start_epoch, max_accuracy, updates_per_epoch, logger)
+          optimizer, lr_scheduler, precision, start_epoch, max_accuracy, updates_per_epoch, logger,
+          ema, start_step, epoch_sums)
+
+
+def training_state(config: CfgNode, model: nn.Module, optimizer: Optimizer, lr_scheduler: Scheduler,
+                   precision: Precision, ema: ModelEmaV3 | None, epoch: int, max_accuracy: float) -> dict:
+    """A checkpoint: everything training needs to continue after ``epoch`` (``model`` unwrapped
+    from DDP). A step checkpoint adds ``step`` and ``epoch_sums``."""
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": lr_scheduler.state_dict(),
+        "scaler": precision.scaler.state_dict(),
+        "epoch": epoch,
+        "max_accuracy": max_accuracy,
+        "config": config.dump(),
+        **({"model_ema": ema.module.state_dict()} if ema is not None else {}),
+    }
 
 
 def train(config: CfgNode, dist_info: DistInfo, model: nn.Module, model_without_ddp: nn.Module, loader_train: DataLoader,
           loader_val: DataLoader, dataset_val: Dataset, mixup_fn: Mixup | None, optimizer: Optimizer,
           lr_scheduler: Scheduler, precision: Precision, start_epoch: int, max_accuracy: float,
-          updates_per_epoch: int, logger: logging.Logger) -> None:
-    """The epoch loop: train, validate, save checkpoints and metrics."""
+          updates_per_epoch: int, logger: logging.Logger, ema: ModelEmaV3 | None = None, start_step: int = 0,
+          epoch_sums: dict | None = None) -> None:
+    """The epoch loop: train, validate, save checkpoints and metrics. Training starts at batch
+    ``start_step`` of ``start_epoch`` (``epoch_sums``: that epoch's loss sums so far). A step
+    checkpoint is saved every TRAIN.CHECKPOINT_MINUTES; SIGTERM, SIGUSR1 or SIGINT ends the run
+    at the next step boundary with one."""
     criterion = build_criterion(config, mixup_fn is not None)
     metrics = JsonLinesWriter(config.OUTPUT, dist_info.rank)
     scalars = create_scalar_writer(config.OUTPUT, enabled=dist_info.is_main)
-    logger.info("Start training")
-    start_time = time.time()
-    for epoch in range(start_epoch, config.TRAIN.EPOCHS):
-        seed_everything(epoch_seed(config.SEED, epoch, dist_info.rank))
-        loader_train.sampler.set_epoch(epoch)
-        train_loss = train_one_epoch(config, model, criterion, loader_train, optimizer, epoch, mixup_fn,
-                                     lr_scheduler, precision, updates_per_epoch, dist_info, logger)
-        acc1, acc5, val_loss = validate(loader_val, model, precision, dist_info.device, logger)
-        logger.info(f"Accuracy of the network on the {len(dataset_val)} test images: {acc1:.1f}%")
-        improved = acc1 > max_accuracy
-        max_accuracy = max(max_accuracy, acc1)
-        logger.info(f"Max accuracy: {max_accuracy:.2f}%")
+    clock = CheckpointClock(config.TRAIN.CHECKPOINT_MINUTES)
+
+    def state(epoch: int) -> dict:
+        return training_state(config, model_without_ddp, optimizer, lr_scheduler, precision, ema, epoch, max_accuracy)
+
+    def save_step_checkpoint(epoch: int, step: int, progress: dict[str, torch.Tensor]) -> str:
+        """Rank 0 saves the state after the first ``step`` batches of ``epoch`` (never a state
+        with a non-finite loss) and deletes the older step checkpoint."""
+        if "bad_step" in progress:
+            check_finite(progress["bad_step"], f"epoch {epoch}")
+        path = step_checkpoint_path(config.OUTPUT, epoch, step)
         if dist_info.is_main:
-            state = {
-                "model": model_without_ddp.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "lr_scheduler": lr_scheduler.state_dict(),
-                "scaler": precision.scaler.state_dict(),
-                "epoch": epoch,
-                "max_accuracy": max_accuracy,
-                "config": config.dump(),
-            }
+            sums = {key: value.item() for key, value in progress.items() if key != "bad_step"}
+            save_checkpoint({**state(epoch), "step": step, "epoch_sums": sums}, path)
+            remove_step_checkpoints(config.OUTPUT, keep=path)
+            logger.info(f"{path} saved")
+        clock.reset()
+        return path
+
+    def report_stop(signal_name: str, epoch: int, step: int, path: str) -> None:
+        logger.info(f"{signal_name} received: stopped at epoch {epoch} step {step}, training state in {path}; "
+                    "relaunch the same command to resume from there")
+
+    with StopSignals() as stop:
+        def at_step_boundary(epoch: int, step: int, progress: dict[str, torch.Tensor]) -> bool:
+            """After each optimizer update: save a step checkpoint when one is due or a stop
+            signal came (to any rank); True: stop now."""
+            signal_name = stop.requested()
+            if signal_name or clock.due():
+                path = save_step_checkpoint(epoch, step, progress)
+                if signal_name:
+                    report_stop(signal_name, epoch, step, path)
+            return bool(signal_name)
+
+        logger.info("Start training")
+        start_time = time.time()
+        for epoch in range(start_epoch, config.TRAIN.EPOCHS):
+            loader_train.sampler.set_epoch(epoch, start_step * config.DATA.BATCH_SIZE)
+            train_loss, stopped = train_one_epoch(
+                config, model, criterion, loader_train, optimizer, epoch, mixup_fn, lr_scheduler, precision,
+                updates_per_epoch, dist_info, logger, ema, start_step, epoch_sums, at_step_boundary)
+            start_step, epoch_sums = 0, {}
+            if stopped:
+                break
+            acc1, acc5, val_loss = validate(loader_val, model, precision, dist_info.device, logger)
+            logger.info(f"Accuracy of the network on the {len(dataset_val)} test images: {acc1:.1f}%")
+            record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "acc1": acc1, "acc5": acc5}
+            if ema is not None:
+                ema_acc1, ema_acc5, ema_loss = validate(loader_val, ema.module, precision, dist_info.device, logger,
+                                                        label="EMA")
+                record.update(ema_acc1=ema_acc1, ema_acc5=ema_acc5, ema_val_loss=ema_loss)
+            selected = record["ema_acc1" if ema is not None and config.MODEL_EMA_EVAL else "acc1"]
+            improved = selected > max_accuracy
+            max_accuracy = max(max_accuracy, selected)
+            logger.info(f"Max accuracy: {max_accuracy:.2f}%")
             last = epoch == config.TRAIN.EPOCHS - 1
-            if epoch % config.SAVE_FREQ == 0 or last:
-                path = os.path.join(config.OUTPUT, f"ckpt_epoch_{epoch}.pth")
-                save_checkpoint(state, path)
-                logger.info(f"{path} saved")
-            if improved:
-                save_checkpoint(state, os.path.join(config.OUTPUT, "best.pth"))
-            record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "acc1": acc1, "acc5": acc5,
-                      "max_accuracy": max_accuracy, "lr": optimizer.param_groups[0]["lr"]}
-            metrics.write(record)
-            for key in ("train_loss", "val_loss", "acc1", "acc5", "lr"):
-                scalars.add_scalar(key, record[key], epoch)
+            saved = epoch % config.SAVE_FREQ == 0 or last
+            if dist_info.is_main:
+                if saved:
+                    path = os.path.join(config.OUTPUT, f"ckpt_epoch_{epoch}.pth")
+                    save_checkpoint(state(epoch), path)
+                    remove_step_checkpoints(config.OUTPUT)  # older than this one now
+                    logger.info(f"{path} saved")
+                if improved:
+                    save_checkpoint(state(epoch), os.path.join(config.OUTPUT, "best.pth"))
+                record.update(max_accuracy=max_accuracy, lr=optimizer.param_groups[0]["lr"])
+                metrics.write(record)
+                for key in ("train_loss", "val_loss", "acc1", "acc5", "lr"):
+                    scalars.add_scalar(key, record[key], epoch)
+            if saved:
+                clock.reset()
+            signal_name = "" if last else stop.requested()  # a signal during validation stops here
+            if signal_name:
+                path = (os.path.join(config.OUTPUT, f"ckpt_epoch_{epoch}.pth") if saved
+                        else save_step_checkpoint(epoch + 1, 0, {}))
+                report_stop(signal_name, epoch + 1, 0, path)
+                break
     scalars.close()
     logger.info(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
 
@@ -197,24 +277,36 @@ def train(config: CfgNode, dist_info: DistInfo, model: nn.Module, model_without_
 def train_one_epoch(config: CfgNode, model: nn.Module, criterion: nn.Module, loader: Iterable,
                     optimizer: Optimizer, epoch: int, mixup_fn: Mixup | None, lr_scheduler: Scheduler,
                     precision: Precision, updates_per_epoch: int, dist_info: DistInfo,
-                    logger: logging.Logger) -> float:
-    """One epoch; every case (AMP or not, accumulation or not, DDP or not) takes the same path.
-    Losses and norms stay on the device; the host reads them only every PRINT_FREQ steps."""
+                    logger: logging.Logger, ema: ModelEmaV3 | None = None, start_step: int = 0,
+                    epoch_sums: dict | None = None,
+                    at_step_boundary: Callable[[int, int, dict], bool] | None = None) -> tuple[float, bool]:
+    """One epoch, or its rest from batch ``start_step`` on (the loader then starts there too;
+    ``epoch_sums`` holds the loss and grad-norm sums of the batches before). Every case (AMP or
+    not, accumulation or not, DDP or not) takes the same path. The main process's randomness
+    (Mixup/CutMix, drop path) is seeded per batch from (SEED, epoch, batch, rank), so a resumed
+    epoch draws what the uninterrupted one drew. After each optimizer update the EMA follows and
+    ``at_step_boundary(epoch, batches done, progress)`` runs; when it returns True the epoch stops
+    there. Losses and norms stay on the device; the host reads them only every PRINT_FREQ steps.
+    Returns the epoch's mean training loss and whether it stopped early."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
     device = dist_info.device
+    model_without_ddp = model.module if isinstance(model, DistributedDataParallel) else model
     accumulation = max(1, config.TRAIN.ACCUMULATION_STEPS)
     num_steps = updates_per_epoch * accumulation  # a trailing partial accumulation is left out
     clip = config.TRAIN.CLIP_GRAD if config.TRAIN.CLIP_GRAD > 0 else math.inf
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    epoch_sums = epoch_sums or {}
+    loss_sum = torch.tensor(epoch_sums.get("loss_sum", 0.0), device=device, dtype=torch.float64)
     last_loss = torch.zeros((), device=device)
     grad_norm = torch.zeros((), device=device)
-    norm_sum = torch.zeros((), device=device, dtype=torch.float64)
+    norm_sum = torch.tensor(epoch_sums.get("grad_norm_sum", 0.0), device=device, dtype=torch.float64)
     bad_step = torch.full((), -1, device=device)  # first step with a non-finite loss
+    stopped = False
     start = batch_start = time.time()
-    for idx, (samples, targets) in enumerate(loader):
+    for idx, (samples, targets) in enumerate(loader, start=start_step):
         if idx >= num_steps:
             break
+        seed_everything(derive_seed(config.SEED, epoch, idx, dist_info.rank))
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None:
@@ -235,10 +327,13 @@ def train_one_epoch(config: CfgNode, model: nn.Module, criterion: nn.Module, loa
             precision.scaler.step(optimizer)
             precision.scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            lr_scheduler.step_update(epoch * updates_per_epoch + (idx + 1) // accumulation)
+            update_count = epoch * updates_per_epoch + (idx + 1) // accumulation
+            lr_scheduler.step_update(update_count)
+            if ema is not None:
+                ema.update(model_without_ddp, step=update_count)
         if idx % config.PRINT_FREQ == 0 or idx == num_steps - 1:
             check_finite(bad_step, f"epoch {epoch}")
-            batch_time = (time.time() - start) / (idx + 1)
+            batch_time = (time.time() - start) / (idx + 1 - start_step)
             eta = batch_time * (num_steps - idx - 1)
             memory = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else 0.0
             logger.info(
@@ -248,17 +343,23 @@ def train_one_epoch(config: CfgNode, model: nn.Module, criterion: nn.Module, loa
                 f"loss {last_loss.item():.4f} ({loss_sum.item() / (idx + 1):.4f})\t"
                 f"grad_norm {grad_norm.item():.4f} ({norm_sum.item() / max(1, (idx + 1) // accumulation):.4f})\t"
                 f"mem {memory:.0f}MB")
+        if update and at_step_boundary is not None and at_step_boundary(
+                epoch, idx + 1, {"loss_sum": loss_sum, "grad_norm_sum": norm_sum, "bad_step": bad_step}):
+            stopped = True
+            break
         batch_start = time.time()
     check_finite(bad_step, f"epoch {epoch}")
-    logger.info(f"EPOCH {epoch} training takes {datetime.timedelta(seconds=int(time.time() - start))}")
-    return loss_sum.item() / num_steps
+    if not stopped:
+        logger.info(f"EPOCH {epoch} training takes {datetime.timedelta(seconds=int(time.time() - start))}")
+    return loss_sum.item() / num_steps, stopped
 
 
 @torch.no_grad()
 def validate(loader: Iterable, model: nn.Module, precision: Precision, device: torch.device,
-             logger: logging.Logger) -> tuple[float, float, float]:
+             logger: logging.Logger, label: str = "") -> tuple[float, float, float]:
     """Top-1/top-5 accuracy and loss over the whole validation set: every rank counts its own
-    images and the counts are summed, so the result does not depend on the number of ranks."""
+    images and the counts are summed, so the result does not depend on the number of ranks.
+    ``label`` names the weights in the log line (``EMA * Acc@1 ...``)."""
     model.eval()
     totals = torch.zeros(4, device=device, dtype=torch.float64)  # correct@1, correct@5, loss sum, images
     for images, targets in loader:
@@ -271,7 +372,7 @@ def validate(loader: Iterable, model: nn.Module, precision: Precision, device: t
                                torch.tensor(len(targets), device=device)]).double()
     correct1, correct5, loss_sum, count = all_reduce_sum(totals).tolist()
     acc1, acc5, loss = 100 * correct1 / count, 100 * correct5 / count, loss_sum / count
-    logger.info(f" * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f}")
+    logger.info(f"{label} * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f}")
     return acc1, acc5, loss
 
 
