@@ -17,10 +17,10 @@ import time
 import pytest
 import torch
 
-from runtime import CheckpointClock, StopSignals
 from config import UserError
-from utils import load_checkpoint_file, newest_loadable_checkpoint, remove_step_checkpoints, resume_position, \
-    save_checkpoint, step_checkpoint_path, step_checkpoints
+from runtime import CheckpointClock, StopSignals
+from utils import load_checkpoint_file, model_state, newest_loadable_checkpoint, remove_step_checkpoints, \
+    resume_position, save_checkpoint, step_checkpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo", "digits.yaml")
@@ -232,6 +232,7 @@ def worker_of_rank(launcher_pid, rank):
     raise AssertionError(f"no worker of rank {rank}")
 
 
+@pytest.mark.slow  # about a minute on an idle 2-core machine: four torchrun launches of 2 ranks
 def test_two_ranks_sigkill_and_sigterm_to_one_rank_end_bit_identical(digits, tmp_path):
     """torchrun with 2 gloo ranks: SIGKILL of the whole job inside epoch 0, relaunch, then SIGTERM
     to rank 1 alone inside epoch 1: both ranks stop at the same step, rank 0 saves, exit 0; the
@@ -267,3 +268,23 @@ def test_two_ranks_sigkill_and_sigterm_to_one_rank_end_bit_identical(digits, tmp
     wait_for_resume_line(run, position)
     run.finish()
     assert_bit_identical(run_dir / FINAL, reference_dir.joinpath(*RUN_DIR, FINAL))
+
+
+def test_eval_scores_the_ema_weights_with_model_ema_eval(digits, uninterrupted, tmp_path):
+    final = uninterrupted / FINAL
+    result = subprocess.run([sys.executable, "main.py", "--cfg", DEMO, "--data-path", digits, "--output", str(tmp_path),
+                             "--eval", "--resume", str(final), "--opts", "MODEL_EMA_EVAL", "True"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600, env=environment())
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"loaded EMA weights from {final}" in result.stdout
+    last = json.loads((uninterrupted / "metrics.jsonl").read_text().splitlines()[-1])
+    top1, top5 = map(float, re.search(r" \* Acc@1 (\S+) Acc@5 (\S+)", result.stdout).groups())
+    assert (top1, top5) == (round(last["ema_acc1"], 3), round(last["ema_acc5"], 3))
+    assert last["ema_acc1"] != last["acc1"]  # the EMA really is other weights
+
+
+def test_checkpoint_without_ema_weights_is_named(tmp_path):
+    path = tmp_path / "plain.pth"
+    save_checkpoint({"model": {"w": torch.ones(1)}}, str(path))
+    with pytest.raises(UserError, match=f"{path} has no 'model_ema' entry"):
+        model_state(load_checkpoint_file(str(path)), str(path), "model_ema")
