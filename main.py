@@ -194,9 +194,7 @@ def train(config: CfgNode, dist_info: DistInfo, model: nn.Module, model_without_
     metrics = JsonLinesWriter(config.OUTPUT, dist_info.rank)
     scalars = create_scalar_writer(config.OUTPUT, enabled=dist_info.is_main)
     clock = CheckpointClock(config.TRAIN.CHECKPOINT_MINUTES)
-
-    def state(epoch: int) -> dict:
-        return training_state(config, model_without_ddp, optimizer, lr_scheduler, precision, ema, epoch, max_accuracy)
+    stop = StopSignals().install()
 
     def save_step_checkpoint(epoch: int, step: int, progress: dict[str, torch.Tensor]) -> str:
         """Rank 0 saves the state after the first ``step`` batches of ``epoch`` (never a state
@@ -206,7 +204,9 @@ def train(config: CfgNode, dist_info: DistInfo, model: nn.Module, model_without_
         path = step_checkpoint_path(config.OUTPUT, epoch, step)
         if dist_info.is_main:
             sums = {key: value.item() for key, value in progress.items() if key != "bad_step"}
-            save_checkpoint({**state(epoch), "step": step, "epoch_sums": sums}, path)
+            state = training_state(config, model_without_ddp, optimizer, lr_scheduler, precision, ema, epoch,
+                                   max_accuracy)
+            save_checkpoint({**state, "step": step, "epoch_sums": sums}, path)
             remove_step_checkpoints(config.OUTPUT, keep=path)
             logger.info(f"{path} saved")
         clock.reset()
@@ -216,60 +216,63 @@ def train(config: CfgNode, dist_info: DistInfo, model: nn.Module, model_without_
         logger.info(f"{signal_name} received: stopped at epoch {epoch} step {step}, training state in {path}; "
                     "relaunch the same command to resume from there")
 
-    with StopSignals() as stop:
-        def at_step_boundary(epoch: int, step: int, progress: dict[str, torch.Tensor]) -> bool:
-            """After each optimizer update: save a step checkpoint when one is due or a stop
-            signal came (to any rank); True: stop now."""
-            signal_name = stop.requested()
-            if signal_name or clock.due():
-                path = save_step_checkpoint(epoch, step, progress)
-                if signal_name:
-                    report_stop(signal_name, epoch, step, path)
-            return bool(signal_name)
-
-        logger.info("Start training")
-        start_time = time.time()
-        for epoch in range(start_epoch, config.TRAIN.EPOCHS):
-            loader_train.sampler.set_epoch(epoch, start_step * config.DATA.BATCH_SIZE)
-            train_loss, stopped = train_one_epoch(
-                config, model, criterion, loader_train, optimizer, epoch, mixup_fn, lr_scheduler, precision,
-                updates_per_epoch, dist_info, logger, ema, start_step, epoch_sums, at_step_boundary)
-            start_step, epoch_sums = 0, {}
-            if stopped:
-                break
-            acc1, acc5, val_loss = validate(loader_val, model, precision, dist_info.device, logger)
-            logger.info(f"Accuracy of the network on the {len(dataset_val)} test images: {acc1:.1f}%")
-            record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "acc1": acc1, "acc5": acc5}
-            if ema is not None:
-                ema_acc1, ema_acc5, ema_loss = validate(loader_val, ema.module, precision, dist_info.device, logger,
-                                                        label="EMA")
-                record.update(ema_acc1=ema_acc1, ema_acc5=ema_acc5, ema_val_loss=ema_loss)
-            selected = record["ema_acc1" if ema is not None and config.MODEL_EMA_EVAL else "acc1"]
-            improved = selected > max_accuracy
-            max_accuracy = max(max_accuracy, selected)
-            logger.info(f"Max accuracy: {max_accuracy:.2f}%")
-            last = epoch == config.TRAIN.EPOCHS - 1
-            saved = epoch % config.SAVE_FREQ == 0 or last
-            if dist_info.is_main:
-                if saved:
-                    path = os.path.join(config.OUTPUT, f"ckpt_epoch_{epoch}.pth")
-                    save_checkpoint(state(epoch), path)
-                    remove_step_checkpoints(config.OUTPUT)  # older than this one now
-                    logger.info(f"{path} saved")
-                if improved:
-                    save_checkpoint(state(epoch), os.path.join(config.OUTPUT, "best.pth"))
-                record.update(max_accuracy=max_accuracy, lr=optimizer.param_groups[0]["lr"])
-                metrics.write(record)
-                for key in ("train_loss", "val_loss", "acc1", "acc5", "lr"):
-                    scalars.add_scalar(key, record[key], epoch)
-            if saved:
-                clock.reset()
-            signal_name = "" if last else stop.requested()  # a signal during validation stops here
+    def at_step_boundary(epoch: int, step: int, progress: dict[str, torch.Tensor]) -> bool:
+        """After each optimizer update: save a step checkpoint when one is due or a stop signal
+        came (to any rank); True: stop now."""
+        signal_name = stop.requested()
+        if signal_name or clock.due():
+            path = save_step_checkpoint(epoch, step, progress)
             if signal_name:
-                path = (os.path.join(config.OUTPUT, f"ckpt_epoch_{epoch}.pth") if saved
-                        else save_step_checkpoint(epoch + 1, 0, {}))
-                report_stop(signal_name, epoch + 1, 0, path)
-                break
+                report_stop(signal_name, epoch, step, path)
+        return bool(signal_name)
+
+    logger.info("Start training")
+    start_time = time.time()
+    for epoch in range(start_epoch, config.TRAIN.EPOCHS):
+        loader_train.sampler.set_epoch(epoch, start_step * config.DATA.BATCH_SIZE)
+        train_loss, stopped = train_one_epoch(config, model, criterion, loader_train, optimizer, epoch, mixup_fn,
+                                              lr_scheduler, precision, updates_per_epoch, dist_info, logger,
+                                              ema, start_step, epoch_sums, at_step_boundary)
+        start_step, epoch_sums = 0, {}
+        if stopped:
+            break
+        acc1, acc5, val_loss = validate(loader_val, model, precision, dist_info.device, logger)
+        logger.info(f"Accuracy of the network on the {len(dataset_val)} test images: {acc1:.1f}%")
+        ema_record = {}
+        if ema is not None:
+            ema_acc1, ema_acc5, ema_loss = validate(loader_val, ema.module, precision, dist_info.device, logger,
+                                                    label="EMA")
+            ema_record = {"ema_acc1": ema_acc1, "ema_acc5": ema_acc5, "ema_val_loss": ema_loss}
+        selected = ema_record["ema_acc1"] if ema_record and config.MODEL_EMA_EVAL else acc1
+        improved = selected > max_accuracy
+        max_accuracy = max(max_accuracy, selected)
+        logger.info(f"Max accuracy: {max_accuracy:.2f}%")
+        last = epoch == config.TRAIN.EPOCHS - 1
+        saved = epoch % config.SAVE_FREQ == 0 or last
+        if dist_info.is_main:
+            state = training_state(config, model_without_ddp, optimizer, lr_scheduler, precision, ema, epoch,
+                                   max_accuracy)
+            if saved:
+                path = os.path.join(config.OUTPUT, f"ckpt_epoch_{epoch}.pth")
+                save_checkpoint(state, path)
+                remove_step_checkpoints(config.OUTPUT)  # older than this one now
+                logger.info(f"{path} saved")
+            if improved:
+                save_checkpoint(state, os.path.join(config.OUTPUT, "best.pth"))
+            record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "acc1": acc1, "acc5": acc5,
+                      **ema_record, "max_accuracy": max_accuracy, "lr": optimizer.param_groups[0]["lr"]}
+            metrics.write(record)
+            for key in ("train_loss", "val_loss", "acc1", "acc5", "lr"):
+                scalars.add_scalar(key, record[key], epoch)
+        if saved:
+            clock.reset()
+        signal_name = "" if last else stop.requested()  # a signal during validation stops here
+        if signal_name:
+            path = (os.path.join(config.OUTPUT, f"ckpt_epoch_{epoch}.pth") if saved
+                    else save_step_checkpoint(epoch + 1, 0, {}))
+            report_stop(signal_name, epoch + 1, 0, path)
+            break
+    stop.restore()
     scalars.close()
     logger.info(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
 

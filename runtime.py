@@ -127,12 +127,12 @@ class StopSignals:
     """SIGTERM, SIGUSR1 (SLURM's ``--signal``) and SIGINT (Ctrl-C) as a request to stop at the
     next step boundary, instead of dying in the middle of a step.
 
-    Inside ``with StopSignals() as stop:`` these signals are only recorded. The training loop
+    After ``stop = StopSignals().install()`` these signals are only recorded. The training loop
     calls ``stop.requested()`` at every step boundary; the answer is agreed across ranks (a
     signal to any rank stops all of them at the same step), so the loop can save a checkpoint
     and return. Once a signal has arrived, later ones (a second Ctrl-C during the save) are
     noted on stderr and otherwise ignored until the process ends: they cannot interrupt the save.
-    Without a signal, leaving the block puts the previous handlers back.
+    ``restore()`` puts the previous handlers back if no signal came.
     """
 
     def __init__(self) -> None:
@@ -140,14 +140,16 @@ class StopSignals:
         self._previous: dict[int, object] = {}
         self._group = None
 
-    def __enter__(self) -> StopSignals:
+    def install(self) -> StopSignals:
+        """Record the stop signals from now on (call on every rank: it creates a process group)."""
         if dist.is_available() and dist.is_initialized():
             self._group = dist.new_group(backend="gloo")  # the flag lives on the host: no device sync
         for signum in STOP_SIGNALS:
             self._previous[signum] = signal.signal(signum, self._record)
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def restore(self) -> None:
+        """The previous handlers again, unless a signal came (then later ones stay ignored)."""
         if not self.received:
             for signum, handler in self._previous.items():
                 signal.signal(signum, handler)

@@ -220,7 +220,7 @@ def step_checkpoints(output_dir: str) -> list[tuple[tuple[int, int], str]]:
 def remove_step_checkpoints(output_dir: str, keep: str = "") -> None:
     """Delete the step checkpoints in ``output_dir`` except ``keep``: only the newest is kept."""
     for _, path in step_checkpoints(output_dir):
-        if os.path.abspath(path) != os.path.abspath(keep or ""):
+        if not keep or os.path.abspath(path) != os.path.abspath(keep):
             try:
                 os.remove(path)
             except FileNotFoundError:

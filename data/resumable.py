@@ -34,7 +34,7 @@ class ResumableSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         indices = list(super().__iter__())[self.start:]
-        return iter([(index, derive_seed(self.seed, self.epoch, index)) for index in indices])
+        return ((index, derive_seed(self.seed, self.epoch, index)) for index in indices)
 
     def __len__(self) -> int:
         return max(0, self.num_samples - self.start)

@@ -197,17 +197,17 @@ def test_newest_loadable_checkpoint_orders_epoch_and_step_checkpoints(tmp_path):
 
 def test_stop_signals_are_recorded_and_a_second_one_is_ignored(capfd):
     before = signal.getsignal(signal.SIGTERM)
-    with StopSignals() as stop:
-        assert stop.requested() == ""
-        os.kill(os.getpid(), signal.SIGUSR1)
-        os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt
-        assert stop.requested() == "SIGUSR1"
+    stop = StopSignals().install()
+    assert stop.requested() == ""
+    os.kill(os.getpid(), signal.SIGUSR1)
+    os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt
+    assert stop.requested() == "SIGUSR1"
+    stop.restore()
     assert "SIGINT ignored: already stopping" in capfd.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is not before  # still ignoring until the process ends
     for signum, handler in stop._previous.items():
         signal.signal(signum, handler)
-    with StopSignals() as stop:
-        pass
+    StopSignals().install().restore()
     assert signal.getsignal(signal.SIGTERM) is before  # no signal: the old handlers are back
 
 
