@@ -216,23 +216,27 @@ def train(config: CfgNode, dist_info: DistInfo, model: nn.Module, model_without_
         logger.info(f"{signal_name} received: stopped at epoch {epoch} step {step}, training state in {path}; "
                     "relaunch the same command to resume from there")
 
+    stopped = False
+
     def at_step_boundary(epoch: int, step: int, progress: dict[str, torch.Tensor]) -> bool:
         """After each optimizer update: save a step checkpoint when one is due or a stop signal
         came (to any rank); True: stop now."""
+        nonlocal stopped
         signal_name = stop.requested()
         if signal_name or clock.due():
             path = save_step_checkpoint(epoch, step, progress)
             if signal_name:
                 report_stop(signal_name, epoch, step, path)
-        return bool(signal_name)
+        stopped = bool(signal_name)
+        return stopped
 
     logger.info("Start training")
     start_time = time.time()
     for epoch in range(start_epoch, config.TRAIN.EPOCHS):
         loader_train.sampler.set_epoch(epoch, start_step * config.DATA.BATCH_SIZE)
-        train_loss, stopped = train_one_epoch(config, model, criterion, loader_train, optimizer, epoch, mixup_fn,
-                                              lr_scheduler, precision, updates_per_epoch, dist_info, logger,
-                                              ema, start_step, epoch_sums, at_step_boundary)
+        train_loss = train_one_epoch(config, model, criterion, loader_train, optimizer, epoch, mixup_fn,
+                                     lr_scheduler, precision, updates_per_epoch, dist_info, logger,
+                                     ema, start_step, epoch_sums, at_step_boundary)
         start_step, epoch_sums = 0, {}
         if stopped:
             break
@@ -282,7 +286,7 @@ def train_one_epoch(config: CfgNode, model: nn.Module, criterion: nn.Module, loa
                     precision: Precision, updates_per_epoch: int, dist_info: DistInfo,
                     logger: logging.Logger, ema: ModelEmaV3 | None = None, start_step: int = 0,
                     epoch_sums: dict | None = None,
-                    at_step_boundary: Callable[[int, int, dict], bool] | None = None) -> tuple[float, bool]:
+                    at_step_boundary: Callable[[int, int, dict], bool] | None = None) -> float:
     """One epoch, or its rest from batch ``start_step`` on (the loader then starts there too;
     ``epoch_sums`` holds the loss and grad-norm sums of the batches before). Every case (AMP or
     not, accumulation or not, DDP or not) takes the same path. The main process's randomness
@@ -290,7 +294,7 @@ def train_one_epoch(config: CfgNode, model: nn.Module, criterion: nn.Module, loa
     epoch draws what the uninterrupted one drew. After each optimizer update the EMA follows and
     ``at_step_boundary(epoch, batches done, progress)`` runs; when it returns True the epoch stops
     there. Losses and norms stay on the device; the host reads them only every PRINT_FREQ steps.
-    Returns the epoch's mean training loss and whether it stopped early."""
+    Returns the epoch's mean training loss (over all its batches when it was not stopped)."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
     device = dist_info.device
@@ -354,7 +358,7 @@ def train_one_epoch(config: CfgNode, model: nn.Module, criterion: nn.Module, loa
     check_finite(bad_step, f"epoch {epoch}")
     if not stopped:
         logger.info(f"EPOCH {epoch} training takes {datetime.timedelta(seconds=int(time.time() - start))}")
-    return loss_sum.item() / num_steps, stopped
+    return loss_sum.item() / num_steps
 
 
 @torch.no_grad()

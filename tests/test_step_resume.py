@@ -90,14 +90,17 @@ class Run:
             assert time.time() < deadline, "no step checkpoint in time"
             time.sleep(0.05)
 
-    def stop(self, signum, group=False, timeout=120):
-        """Send ``signum`` (to the whole process group, as a terminal's Ctrl-C does, if ``group``);
-        return the exit code, stdout, stderr and the seconds until the process ended."""
+    def stop(self, signum, group=False, twice=False, timeout=120):
+        """Send ``signum`` (to the whole process group, as a terminal's Ctrl-C does, if ``group``;
+        a second time 0.1 s later if ``twice``); return the exit code, stdout, stderr and the
+        seconds until the process ended."""
         sent = time.time()
-        if group:
-            os.killpg(self.process.pid, signum)
-        else:
-            self.process.send_signal(signum)
+        for _ in range(2 if twice else 1):
+            if group:
+                os.killpg(self.process.pid, signum)
+            else:
+                self.process.send_signal(signum)
+            time.sleep(0.1 if twice else 0)
         stdout, stderr = self.process.communicate(timeout=timeout)
         return self.process.returncode, stdout, stderr, time.time() - sent
 
@@ -138,7 +141,7 @@ def wait_for_resume_line(run, position):
 
 
 def test_signals_and_sigkill_inside_epochs_end_bit_identical(digits, uninterrupted, tmp_path):
-    """Ctrl-C (SIGINT to the process group), SIGKILL, SIGTERM, SIGUSR1 and another SIGKILL at
+    """Ctrl-C (SIGINT to the process group), SIGKILL, SIGTERM (twice), SIGUSR1 and another SIGKILL at
     moments inside both epochs, each followed by a relaunch: every relaunch continues from the
     newest state, inside the epoch, and the run ends with the uninterrupted weights and EMA."""
     run_dir = tmp_path.joinpath(*RUN_DIR)
@@ -152,11 +155,14 @@ def test_signals_and_sigkill_inside_epochs_end_bit_identical(digits, uninterrupt
             wait_for_resume_line(run, position)
         run.wait_for_step_checkpoint(epoch)
         time.sleep(rng.uniform(0, 0.4))  # a random moment of a step
-        code, stdout, stderr, seconds = run.stop(stop_signal, group=stop_signal == signal.SIGINT)
+        code, stdout, stderr, seconds = run.stop(stop_signal, group=stop_signal == signal.SIGINT,
+                                                 twice=stop_signal == signal.SIGTERM)
         if stop_signal == signal.SIGKILL:
             assert code == -signal.SIGKILL
         else:
             assert_clean_stop(code, stdout, stderr, seconds, stop_signal.name, run_dir)
+        if stop_signal == signal.SIGTERM:  # the second one, during the step or the save, changed nothing
+            assert "SIGTERM ignored: already stopping" in stderr
         position = newest_position(run_dir)[1]
         resumed.append(position)
     run = Run(args, run_dir)
