@@ -136,6 +136,11 @@ def main(config: CfgNode, dist_info: DistInfo) -> None:
         if not config.EVAL_MODE and "optimizer" in checkpoint:
             optimizer.load_state_dict(checkpoint["optimizer"])
             start_epoch, start_step = resume_position(checkpoint)
+            written_by = (checkpoint.get("world_size"), checkpoint.get("batch_size"))
+            if start_step and written_by != (dist_info.world_size, config.DATA.BATCH_SIZE):
+                raise UserError(f"{resume} is a step checkpoint of {written_by[0]} processes x batch {written_by[1]}; "
+                                f"this run has {dist_info.world_size} x {config.DATA.BATCH_SIZE}: relaunch with "
+                                "those, or --resume an epoch checkpoint")
             # The schedule follows from the config and the update count (the checkpoint's copy
             # is kept for the official format): a run extended with --epochs gets the new one.
             lr_scheduler.step_update(start_epoch * updates_per_epoch + start_step // accumulation)
@@ -206,7 +211,8 @@ def train(config: CfgNode, dist_info: DistInfo, model: nn.Module, model_without_
             sums = {key: value.item() for key, value in progress.items() if key != "bad_step"}
             state = training_state(config, model_without_ddp, optimizer, lr_scheduler, precision, ema, epoch,
                                    max_accuracy)
-            save_checkpoint({**state, "step": step, "epoch_sums": sums}, path)
+            save_checkpoint({**state, "step": step, "epoch_sums": sums, "world_size": dist_info.world_size,
+                             "batch_size": config.DATA.BATCH_SIZE}, path)
             remove_step_checkpoints(config.OUTPUT, keep=path)
             logger.info(f"{path} saved")
         clock.reset()
