@@ -175,6 +175,12 @@ _C.KEEP_CHECKPOINTS = 3  # newest ckpt_epoch_N.pth files kept (best.pth is kept 
 # training run's folder.
 MODE_SUFFIXES = {"EVAL_MODE": "-eval", "THROUGHPUT_MODE": "-throughput"}
 
+# ----------------------------------------------------------------------------- no work lost: step checkpoints, model EMA
+_C.TRAIN.CHECKPOINT_MINUTES = 10.0  # save the full training state every N minutes at a step boundary (0: off)
+_C.MODEL_EMA = False  # keep an exponential moving average of the weights (timm ModelEmaV3), validated each epoch
+_C.MODEL_EMA_DECAY = 0.9999
+_C.MODEL_EMA_EVAL = False  # the EMA weights are the ones that count: best.pth by EMA top-1, --eval scores them
+
 
 def _read_yaml(path: str) -> dict:
     if not os.path.isfile(path):

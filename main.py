@@ -14,12 +14,13 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.scheduler.scheduler import Scheduler
+from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
@@ -33,9 +34,10 @@ from lr_scheduler import build_scheduler
 from models import build_model
 from optimizer import build_optimizer
 from plot import write_curves
-from runtime import Precision, add_common_arguments, check_finite, launch, setup_run
-from utils import (DistInfo, all_reduce_sum, epoch_seed, load_checkpoint_file, load_pretrained, load_weights,
-                   model_state, newest_loadable_checkpoint, prune_checkpoints, save_checkpoint, seed_everything)
+from runtime import CheckpointClock, Precision, StopSignals, add_common_arguments, check_finite, launch, setup_run
+from utils import (DistInfo, all_reduce_sum, derive_seed, load_checkpoint_file, load_pretrained, load_weights,
+                   model_state, newest_loadable_checkpoint, prune_checkpoints, remove_step_checkpoints,
+                   resume_position, save_checkpoint, seed_everything, step_checkpoint_path)
 
 # (warm-up passes, timed passes) of --throughput
 THROUGHPUT_PASSES = {"cuda": (50, 30), "cpu": (3, 10)}
@@ -91,12 +93,15 @@ def main(config: CfgNode, dist_info: DistInfo) -> None:
     precision = Precision(config, device)
     logger.info(f"precision: {precision}")
 
+    # --eval with MODEL_EMA_EVAL scores a checkpoint's EMA weights
+    weights_key = "model_ema" if config.EVAL_MODE and config.MODEL_EMA_EVAL else "model"
     if config.MODEL.PRETRAINED and not config.MODEL.RESUME:
-        skipped = load_pretrained(model, config.MODEL.PRETRAINED, config.TRUST_CHECKPOINTS)
+        skipped = load_pretrained(model, config.MODEL.PRETRAINED, config.TRUST_CHECKPOINTS, weights_key)
         if skipped:
             logger.warning(f"{config.MODEL.PRETRAINED}: the head has another class count; skipped {skipped}, "
                            "the new head starts fresh")
         logger.info(f"loaded pretrained weights from {config.MODEL.PRETRAINED}")
+    ema = ModelEmaV3(model, decay=config.MODEL_EMA_DECAY) if config.MODEL_EMA and not config.EVAL_MODE else None
 
     model_without_ddp = model
     if dist_info.world_size > 1:
@@ -123,22 +128,37 @@ def main(config: CfgNode, dist_info: DistInfo) -> None:
             if resume and resume != found[0]:
                 logger.warning(f"auto-resume: using {found[0]} (newer than --resume {resume})")
             resume = found[0]
-    start_epoch, max_accuracy = config.TRAIN.START_EPOCH, 0.0
+    start_epoch, start_step, max_accuracy, epoch_sums = config.TRAIN.START_EPOCH, 0, 0.0, {}
     if resume:
         checkpoint = found[1] if found else load_checkpoint_file(resume, config.TRUST_CHECKPOINTS)
-        load_weights(model_without_ddp, model_state(checkpoint, resume), resume)
-        logger.info(f"loaded weights from {resume}")
+        load_weights(model_without_ddp, model_state(checkpoint, resume, weights_key), resume)
+        logger.info(f"loaded {'EMA ' if weights_key == 'model_ema' else ''}weights from {resume}")
         if not config.EVAL_MODE and "optimizer" in checkpoint:
             optimizer.load_state_dict(checkpoint["optimizer"])
+            start_epoch, start_step = resume_position(checkpoint)
+            written_by = (checkpoint.get("world_size"), checkpoint.get("batch_size"))
+            if start_step and written_by != (dist_info.world_size, config.DATA.BATCH_SIZE):
+                raise UserError(f"{resume} is a step checkpoint of {written_by[0]} processes x batch {written_by[1]}; "
+                                f"this run has {dist_info.world_size} x {config.DATA.BATCH_SIZE}: relaunch with "
+                                "those, or --resume an epoch checkpoint")
             if "scaler" in checkpoint:
                 precision.scaler.load_state_dict(checkpoint["scaler"])
-            start_epoch = checkpoint["epoch"] + 1
             max_accuracy = checkpoint.get("max_accuracy", 0.0)
-            if start_epoch < config.TRAIN.EPOCHS:
+            epoch_sums = checkpoint.get("epoch_sums", {})
+            if ema is not None:
+                if "model_ema" in checkpoint:
+                    load_weights(ema.module, checkpoint["model_ema"], resume)
+                else:
+                    ema.set(model_without_ddp)
+                    logger.warning(f"{resume} holds no EMA weights: the EMA starts from the loaded weights")
+            if start_step:
+                logger.info(f"resuming training inside epoch {start_epoch} at step {start_step} of "
+                            f"{updates_per_epoch * accumulation}")
+            elif start_epoch < config.TRAIN.EPOCHS:
                 logger.info(f"resuming training at epoch {start_epoch}")
     # The schedule follows from the config and the update count (a checkpoint's copy is kept for
     # the official format): a run extended with --epochs gets the new one.
-    lr_scheduler.step_update(start_epoch * updates_per_epoch)
+    lr_scheduler.step_update(start_epoch * updates_per_epoch + start_step // accumulation)
 
     if config.EVAL_MODE:
         validate(loader_val, model, precision, device, logger)
@@ -152,57 +172,129 @@ def main(config: CfgNode, dist_info: DistInfo) -> None:
                 f"base {config.TRAIN.BASE_LR:.4e}, warmup {config.TRAIN.WARMUP_LR:.4e}, min {config.TRAIN.MIN_LR:.4e}")
 
     train(config, dist_info, model, model_without_ddp, loader_train, loader_val, dataset_val, mixup_fn,
-          optimizer, lr_scheduler, precision, start_epoch, max_accuracy, updates_per_epoch, logger)
+          optimizer, lr_scheduler, precision, start_epoch, max_accuracy, updates_per_epoch, logger,
+          ema, start_step, epoch_sums)
+
+
+def training_state(config: CfgNode, model: nn.Module, optimizer: Optimizer, lr_scheduler: Scheduler,
+                   precision: Precision, ema: ModelEmaV3 | None, epoch: int, max_accuracy: float) -> dict:
+    """A checkpoint: everything training needs to continue after ``epoch`` (``model`` unwrapped
+    from DDP). A step checkpoint adds ``step`` and ``epoch_sums``."""
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": lr_scheduler.state_dict(),
+        "scaler": precision.scaler.state_dict(),
+        "epoch": epoch,
+        "max_accuracy": max_accuracy,
+        "config": config.dump(),
+        **({"model_ema": ema.module.state_dict()} if ema is not None else {}),
+    }
 
 
 def train(config: CfgNode, dist_info: DistInfo, model: nn.Module, model_without_ddp: nn.Module, loader_train: DataLoader,
           loader_val: DataLoader, dataset_val: Dataset, mixup_fn: Mixup | None, optimizer: Optimizer,
           lr_scheduler: Scheduler, precision: Precision, start_epoch: int, max_accuracy: float,
-          updates_per_epoch: int, logger: logging.Logger) -> None:
-    """The epoch loop: train, validate, save checkpoints and metrics."""
+          updates_per_epoch: int, logger: logging.Logger, ema: ModelEmaV3 | None = None, start_step: int = 0,
+          epoch_sums: dict | None = None) -> None:
+    """The epoch loop: train, validate, save checkpoints and metrics. Training starts at batch
+    ``start_step`` of ``start_epoch`` (``epoch_sums``: that epoch's loss sums so far). A step
+    checkpoint is saved every TRAIN.CHECKPOINT_MINUTES; SIGTERM, SIGUSR1 or SIGINT ends the run
+    at the next step boundary with one."""
     criterion = build_criterion(config, mixup_fn is not None)
     steps_per_epoch = updates_per_epoch * max(1, config.TRAIN.ACCUMULATION_STEPS)
     metrics = JsonLinesWriter(config.OUTPUT, dist_info.rank)
     metrics.keep_before("epoch", start_epoch)  # epochs trained again after a resume appear once
     scalars = create_scalar_writer(config.OUTPUT, enabled=dist_info.is_main,
                                    purge_step=start_epoch * steps_per_epoch if start_epoch else None)
+    clock = CheckpointClock(config.TRAIN.CHECKPOINT_MINUTES)
+    stop = StopSignals().install()
+
+    def save_step_checkpoint(epoch: int, step: int, progress: dict[str, torch.Tensor]) -> str:
+        """Rank 0 saves the state after the first ``step`` batches of ``epoch`` (never a state
+        with a non-finite loss) and deletes the older step checkpoint."""
+        if "bad_step" in progress:
+            check_finite(progress["bad_step"], f"epoch {epoch}")
+        path = step_checkpoint_path(config.OUTPUT, epoch, step)
+        if dist_info.is_main:
+            sums = {key: value.item() for key, value in progress.items() if key != "bad_step"}
+            state = training_state(config, model_without_ddp, optimizer, lr_scheduler, precision, ema, epoch,
+                                   max_accuracy)
+            save_checkpoint({**state, "step": step, "epoch_sums": sums, "world_size": dist_info.world_size,
+                             "batch_size": config.DATA.BATCH_SIZE}, path)
+            remove_step_checkpoints(config.OUTPUT, keep=path)
+            logger.info(f"{path} saved")
+        clock.reset()
+        return path
+
+    def report_stop(signal_name: str, epoch: int, step: int, path: str) -> None:
+        logger.info(f"{signal_name} received: stopped at epoch {epoch} step {step}, training state in {path}; "
+                    "relaunch the same command to resume from there")
+
+    stopped = False
+
+    def at_step_boundary(epoch: int, step: int, progress: dict[str, torch.Tensor]) -> bool:
+        """After each optimizer update: save a step checkpoint when one is due or a stop signal
+        came (to any rank); True: stop now."""
+        nonlocal stopped
+        signal_name = stop.requested()
+        if signal_name or clock.due():
+            path = save_step_checkpoint(epoch, step, progress)
+            if signal_name:
+                report_stop(signal_name, epoch, step, path)
+        stopped = bool(signal_name)
+        return stopped
+
     logger.info("Start training")
     start_time = time.time()
     for epoch in range(start_epoch, config.TRAIN.EPOCHS):
-        seed_everything(epoch_seed(config.SEED, epoch, dist_info.rank))
-        loader_train.sampler.set_epoch(epoch)
+        loader_train.sampler.set_epoch(epoch, start_step * config.DATA.BATCH_SIZE)
         train_loss = train_one_epoch(config, model, criterion, loader_train, optimizer, epoch, mixup_fn,
-                                     lr_scheduler, precision, updates_per_epoch, dist_info, logger, scalars=scalars)
+                                     lr_scheduler, precision, updates_per_epoch, dist_info, logger,
+                                     ema, start_step, epoch_sums, at_step_boundary, scalars=scalars)
+        start_step, epoch_sums = 0, {}
+        if stopped:
+            break
         acc1, acc5, val_loss = validate(loader_val, model, precision, dist_info.device, logger)
-        improved = acc1 > max_accuracy
-        max_accuracy = max(max_accuracy, acc1)
+        ema_record = {}
+        if ema is not None:
+            ema_acc1, ema_acc5, ema_loss = validate(loader_val, ema.module, precision, dist_info.device, logger,
+                                                    label="EMA")
+            ema_record = {"ema_acc1": ema_acc1, "ema_acc5": ema_acc5, "ema_val_loss": ema_loss}
+        selected = ema_record["ema_acc1"] if ema_record and config.MODEL_EMA_EVAL else acc1
+        improved = selected > max_accuracy
+        max_accuracy = max(max_accuracy, selected)
+        last = epoch == config.TRAIN.EPOCHS - 1
+        epoch_saved = epoch % config.SAVE_FREQ == 0 or last
         saved = []
         if dist_info.is_main:
-            state = {
-                "model": model_without_ddp.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "lr_scheduler": lr_scheduler.state_dict(),
-                "scaler": precision.scaler.state_dict(),
-                "epoch": epoch,
-                "max_accuracy": max_accuracy,
-                "config": config.dump(),
-            }
+            state = training_state(config, model_without_ddp, optimizer, lr_scheduler, precision, ema, epoch,
+                                   max_accuracy)
             if hasattr(dataset_val, "classes"):  # image folders: predict.py names the classes
                 state["classes"] = list(dataset_val.classes)
-            last = epoch == config.TRAIN.EPOCHS - 1
-            if epoch % config.SAVE_FREQ == 0 or last:
+            if epoch_saved:
                 save_checkpoint(state, os.path.join(config.OUTPUT, f"ckpt_epoch_{epoch}.pth"))
                 saved.append(f"ckpt_epoch_{epoch}.pth")
+                remove_step_checkpoints(config.OUTPUT)  # older than this one now
                 prune_checkpoints(config.OUTPUT, config.KEEP_CHECKPOINTS)
             if improved:
                 save_checkpoint(state, os.path.join(config.OUTPUT, BEST_CHECKPOINT))
                 saved.append(BEST_CHECKPOINT)
             record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "acc1": acc1, "acc5": acc5,
-                      "max_accuracy": max_accuracy, "lr": optimizer.param_groups[0]["lr"]}
+                      **ema_record, "max_accuracy": max_accuracy, "lr": optimizer.param_groups[0]["lr"]}
             metrics.write(record)
             for key in ("train_loss", "val_loss", "acc1", "acc5", "lr"):
                 scalars.add_scalar(f"epoch/{key}", record[key], (epoch + 1) * steps_per_epoch)
         logger.info(f"Max accuracy: {max_accuracy:.2f}%" + (f"; saved {', '.join(saved)} in {config.OUTPUT}" if saved else ""))
+        if epoch_saved:
+            clock.reset()
+        signal_name = "" if last else stop.requested()  # a signal during validation stops here
+        if signal_name:
+            path = (os.path.join(config.OUTPUT, f"ckpt_epoch_{epoch}.pth") if epoch_saved
+                    else save_step_checkpoint(epoch + 1, 0, {}))
+            report_stop(signal_name, epoch + 1, 0, path)
+            break
+    stop.restore()
     scalars.close()
     summary = f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}"
     if dist_info.is_main:
@@ -224,25 +316,38 @@ def best_epoch_summary(output_dir: str) -> str:
 def train_one_epoch(config: CfgNode, model: nn.Module, criterion: nn.Module, loader: Iterable,
                     optimizer: Optimizer, epoch: int, mixup_fn: Mixup | None, lr_scheduler: Scheduler,
                     precision: Precision, updates_per_epoch: int, dist_info: DistInfo,
-                    logger: logging.Logger, scalars: ScalarWriter | None = None) -> float:
-    """One epoch; every case (AMP or not, accumulation or not, DDP or not) takes the same path.
-    Losses and norms stay on the device; the host reads them only every PRINT_FREQ steps, which
-    is also when loss, LR and grad-norm go to ``scalars`` (TensorBoard), by global step."""
+                    logger: logging.Logger, ema: ModelEmaV3 | None = None, start_step: int = 0,
+                    epoch_sums: dict | None = None,
+                    at_step_boundary: Callable[[int, int, dict], bool] | None = None,
+                    scalars: ScalarWriter | None = None) -> float:
+    """One epoch, or its rest from batch ``start_step`` on (the loader then starts there too;
+    ``epoch_sums`` holds the loss and grad-norm sums of the batches before). Every case (AMP or
+    not, accumulation or not, DDP or not) takes the same path. The main process's randomness
+    (Mixup/CutMix, drop path) is seeded per batch from (SEED, epoch, batch, rank), so a resumed
+    epoch draws what the uninterrupted one drew. After each optimizer update the EMA follows and
+    ``at_step_boundary(epoch, batches done, progress)`` runs; when it returns True the epoch stops
+    there. Losses and norms stay on the device; the host reads them only every PRINT_FREQ steps,
+    which is also when loss, LR and grad-norm go to ``scalars`` (TensorBoard), by global step.
+    Returns the epoch's mean training loss (over all its batches when it was not stopped)."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
     device = dist_info.device
+    model_without_ddp = model.module if isinstance(model, DistributedDataParallel) else model
     accumulation = max(1, config.TRAIN.ACCUMULATION_STEPS)
     num_steps = updates_per_epoch * accumulation  # a trailing partial accumulation is left out
     clip = config.TRAIN.CLIP_GRAD if config.TRAIN.CLIP_GRAD > 0 else math.inf
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    epoch_sums = epoch_sums or {}
+    loss_sum = torch.tensor(epoch_sums.get("loss_sum", 0.0), device=device, dtype=torch.float64)
     last_loss = torch.zeros((), device=device)
     grad_norm = torch.zeros((), device=device)
-    norm_sum = torch.zeros((), device=device, dtype=torch.float64)
+    norm_sum = torch.tensor(epoch_sums.get("grad_norm_sum", 0.0), device=device, dtype=torch.float64)
     bad_step = torch.full((), -1, device=device)  # first step with a non-finite loss
+    stopped = False
     start = batch_start = time.time()
-    for idx, (samples, targets) in enumerate(loader):
+    for idx, (samples, targets) in enumerate(loader, start=start_step):
         if idx >= num_steps:
             break
+        seed_everything(derive_seed(config.SEED, epoch, idx, dist_info.rank))
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None:
@@ -263,10 +368,13 @@ def train_one_epoch(config: CfgNode, model: nn.Module, criterion: nn.Module, loa
             precision.scaler.step(optimizer)
             precision.scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            lr_scheduler.step_update(epoch * updates_per_epoch + (idx + 1) // accumulation)
+            update_count = epoch * updates_per_epoch + (idx + 1) // accumulation
+            lr_scheduler.step_update(update_count)
+            if ema is not None:
+                ema.update(model_without_ddp, step=update_count)
         if idx % config.PRINT_FREQ == 0 or idx == num_steps - 1:
             check_finite(bad_step, f"epoch {epoch}")
-            batch_time = (time.time() - start) / (idx + 1)
+            batch_time = (time.time() - start) / (idx + 1 - start_step)
             eta = batch_time * (num_steps - idx - 1)
             eta_run = eta + batch_time * num_steps * (config.TRAIN.EPOCHS - epoch - 1)  # validation not counted
             lr, loss_now, norm_now = optimizer.param_groups[0]["lr"], last_loss.item(), grad_norm.item()
@@ -283,17 +391,23 @@ def train_one_epoch(config: CfgNode, model: nn.Module, criterion: nn.Module, loa
                 step = epoch * num_steps + idx
                 for key, value in (("loss", loss_now), ("lr", lr), ("grad_norm", norm_now)):
                     scalars.add_scalar(f"train/{key}", value, step)
+        if update and at_step_boundary is not None and at_step_boundary(
+                epoch, idx + 1, {"loss_sum": loss_sum, "grad_norm_sum": norm_sum, "bad_step": bad_step}):
+            stopped = True
+            break
         batch_start = time.time()
     check_finite(bad_step, f"epoch {epoch}")
-    logger.info(f"EPOCH {epoch} training takes {datetime.timedelta(seconds=int(time.time() - start))}")
+    if not stopped:
+        logger.info(f"EPOCH {epoch} training takes {datetime.timedelta(seconds=int(time.time() - start))}")
     return loss_sum.item() / num_steps
 
 
 @torch.no_grad()
 def validate(loader: Iterable, model: nn.Module, precision: Precision, device: torch.device,
-             logger: logging.Logger) -> tuple[float, float, float]:
+             logger: logging.Logger, label: str = "") -> tuple[float, float, float]:
     """Top-1/top-5 accuracy and loss over the whole validation set: every rank counts its own
-    images and the counts are summed, so the result does not depend on the number of ranks."""
+    images and the counts are summed, so the result does not depend on the number of ranks.
+    ``label`` names the weights in the log line (``EMA * Acc@1 ...``)."""
     model.eval()
     totals = torch.zeros(4, device=device, dtype=torch.float64)  # correct@1, correct@5, loss sum, images
     for images, targets in loader:
@@ -306,7 +420,7 @@ def validate(loader: Iterable, model: nn.Module, precision: Precision, device: t
                                torch.tensor(len(targets), device=device)]).double()
     correct1, correct5, loss_sum, count = all_reduce_sum(totals).tolist()
     acc1, acc5, loss = 100 * correct1 / count, 100 * correct5 / count, loss_sum / count
-    logger.info(f" * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} loss {loss:.4f} on {int(count)} val images")
+    logger.info(f"{label} * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} loss {loss:.4f} on {int(count)} val images")
     return acc1, acc5, loss
 
 

@@ -4,8 +4,12 @@ convention (bad input: one line on stderr and exit 2; non-finite loss: exit 3)."
 from __future__ import annotations
 
 import argparse
+import atexit
+import multiprocessing
 import os
+import signal
 import sys
+import time
 from typing import Callable
 
 import torch
@@ -122,13 +126,17 @@ def limit_cpu_use(config: CfgNode, dist_info: DistInfo) -> None:
 
 def launch(job: Callable[[], None]) -> int:
     """Run ``job`` and return the exit code: 0, 2 for a UserError (one line on stderr), 3 for a
-    non-finite loss. The process group, if any, is torn down either way."""
+    non-finite loss, 130 for Ctrl-C outside training. The process group, if any, is torn down
+    either way."""
     try:
         job()
         code = 0
     except (UserError, NonFiniteLossError) as err:
         print(f"error: {err}", file=sys.stderr)
         code = 2 if isinstance(err, UserError) else 3
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which stops at a step instead)
+        print("interrupted; relaunch the same command to resume from the newest checkpoint", file=sys.stderr)
+        code = 130
     if dist.is_available() and dist.is_initialized():
         if code == 0:
             dist.barrier()
@@ -166,3 +174,91 @@ def check_finite(bad_step: torch.Tensor, where: str) -> None:
     if step >= 0:
         raise NonFiniteLossError(f"loss is not finite at {where} step {step}; stopping without saving "
                                  "(the last checkpoint is kept)")
+
+
+# ----------------------------------------------------------------------------- stopping without losing work
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+class StopSignals:
+    """SIGTERM, SIGUSR1 (SLURM's ``--signal``) and SIGINT (Ctrl-C) as a request to stop at the
+    next step boundary, instead of dying in the middle of a step.
+
+    After ``stop = StopSignals().install()`` these signals are only recorded. The training loop
+    calls ``stop.requested()`` at every step boundary; the answer is agreed across ranks (a
+    signal to any rank stops all of them at the same step), so the loop can save a checkpoint
+    and return. Once a signal has arrived, later ones (a second Ctrl-C during the save) are
+    noted on stderr and otherwise ignored until the process ends: they cannot interrupt the save.
+    ``restore()`` puts the previous handlers back if no signal came.
+    """
+
+    def __init__(self) -> None:
+        self.received = 0  # the first signal's number; 0: none yet
+        self._previous: dict[int, object] = {}
+        self._group = None
+
+    def install(self) -> StopSignals:
+        """Record the stop signals from now on (call on every rank: it creates a process group)."""
+        if dist.is_available() and dist.is_initialized():
+            self._group = dist.new_group(backend="gloo")  # the flag lives on the host: no device sync
+        for signum in STOP_SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._record)
+        return self
+
+    def restore(self) -> None:
+        """The previous handlers again, unless a signal came (then later ones stay ignored)."""
+        if not self.received:
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler)
+
+    def _record(self, signum: int, frame) -> None:
+        if self.received:
+            # os.write, not print/logging: a handler may run while those hold their locks
+            os.write(2, f"{signal.Signals(signum).name} ignored: already stopping\n".encode())
+            return
+        self.received = signum
+
+    def requested(self) -> str:
+        """The name of the signal that stops the run ('' when none), the same on every rank."""
+        received = self.received
+        if self._group is not None:
+            flag = torch.tensor([received])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+            received = int(flag.item())
+        return signal.Signals(received).name if received else ""
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore the stop signals, which a terminal (Ctrl-C)
+    or a cluster scheduler also sends them, and keep serving batches until the main process has
+    finished its step; it stops them when it is done (see ``_kill_leftover_workers``)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+@atexit.register
+def _kill_leftover_workers() -> None:
+    """At exit, kill child processes that are still alive (DataLoader workers of a run that ended
+    with an uncaught error). They ignore SIGTERM, which multiprocessing's own exit handler (it
+    runs after this one) would send before waiting for them forever."""
+    children = multiprocessing.active_children()
+    if children:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the kills as errors
+    for child in children:
+        child.kill()
+
+
+class CheckpointClock:
+    """Says when ``minutes`` of training have passed since the last checkpoint; never for 0."""
+
+    def __init__(self, minutes: float) -> None:
+        if minutes < 0:
+            raise UserError(f"TRAIN.CHECKPOINT_MINUTES must be >= 0 (0 turns step checkpoints off), got {minutes}")
+        self.seconds = minutes * 60
+        self.reset()
+
+    def reset(self) -> None:
+        self.start = time.monotonic()
+
+    def due(self) -> bool:
+        return self.seconds > 0 and time.monotonic() - self.start >= self.seconds

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import io
 import logging
 import os
@@ -20,6 +21,7 @@ from torch import nn
 from config import UserError
 
 CHECKPOINT_PATTERN = re.compile(r"ckpt_epoch_(\d+)\.pth$")
+STEP_CHECKPOINT_PATTERN = re.compile(r"ckpt_epoch_(\d+)_step_(\d+)\.pth$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +90,13 @@ def seed_everything(seed: int) -> None:
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """The seed of one rank's epoch: an epoch replays identically after a resume."""
     return (seed * 1_000_003 + epoch * 1_009 + rank) % 2 ** 63
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed that is a hash of ``parts`` (e.g. seed, epoch, sample index): streams of
+    neighbouring tuples are unrelated, and the same tuple always gives the same seed."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 # ----------------------------------------------------------------------------- checkpoint files
@@ -212,10 +221,12 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def model_state(checkpoint: dict, path: str) -> dict:
+def model_state(checkpoint: dict, path: str, key: str = "model") -> dict:
     """The model weights in a checkpoint: its ``model`` entry, or the dict itself if it is a
-    bare state dict."""
-    state = checkpoint.get("model", checkpoint)
+    bare state dict; with ``key='model_ema'``, the EMA weights (which must be there)."""
+    if key != "model" and key not in checkpoint:
+        raise UserError(f"{path} has no '{key}' entry: it was saved without MODEL_EMA")
+    state = checkpoint.get(key, checkpoint)
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} holds no model weights: expected a 'model' entry or a state dict of "
                         f"tensors, found keys {sorted(map(str, checkpoint))[:6]}")
@@ -239,10 +250,11 @@ def load_weights(model: nn.Module, state: dict, path: str, skip: tuple[str, ...]
         raise UserError(f"{path} does not fit this model ({len(problems)} differences): {shown}")
 
 
-def load_pretrained(model: nn.Module, path: str, trust: bool = False) -> list[str]:
-    """Load the weights of a checkpoint or released model file into ``model`` (for evaluation or
-    fine-tuning). A classifier head of another class count is left out: its keys are returned."""
-    state = model_state(load_checkpoint_file(path, trust), path)
+def load_pretrained(model: nn.Module, path: str, trust: bool = False, key: str = "model") -> list[str]:
+    """Load the weights (``key``: ``model`` or ``model_ema``) of a checkpoint or released model file
+    into ``model`` (for evaluation or fine-tuning). A classifier head of another class count is
+    left out: its keys are returned."""
+    state = model_state(load_checkpoint_file(path, trust), path, key)
     ours = model.state_dict()
     head = sorted(k for k in state if k.startswith("head."))
     other_head = any(k in ours and state[k].shape != ours[k].shape for k in head)
@@ -260,14 +272,53 @@ def epoch_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     return sorted(found, reverse=True)
 
 
+def step_checkpoint_path(output_dir: str, epoch: int, step: int) -> str:
+    """``ckpt_epoch_E_step_K.pth``: the training state after the first K batches of epoch E."""
+    return os.path.join(output_dir, f"ckpt_epoch_{epoch}_step_{step}.pth")
+
+
+def step_checkpoints(output_dir: str) -> list[tuple[tuple[int, int], str]]:
+    """``((epoch, step), path)`` of every step checkpoint in ``output_dir``, newest first."""
+    found = []
+    for path in glob.glob(os.path.join(glob.escape(output_dir), "ckpt_epoch_*_step_*.pth")):
+        match = STEP_CHECKPOINT_PATTERN.search(os.path.basename(path))
+        if match:
+            found.append(((int(match.group(1)), int(match.group(2))), path))
+    return sorted(found, reverse=True)
+
+
+def remove_step_checkpoints(output_dir: str, keep: str = "") -> None:
+    """Delete the step checkpoints in ``output_dir`` except ``keep``: only the newest is kept."""
+    for _, path in step_checkpoints(output_dir):
+        if not keep or os.path.abspath(path) != os.path.abspath(keep):
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+
+
+def resume_position(checkpoint: dict) -> tuple[int, int]:
+    """``(epoch, step)`` where training continues from ``checkpoint``: a step checkpoint holds
+    the epoch in progress and the batches of it already trained; an epoch checkpoint ends its
+    epoch, so training continues at the start of the next one."""
+    if "step" in checkpoint:
+        return int(checkpoint["epoch"]), int(checkpoint["step"])
+    return int(checkpoint["epoch"]) + 1, 0
+
+
 def newest_loadable_checkpoint(output_dir: str, logger: logging.Logger,
                                trust: bool = False) -> tuple[str, dict] | None:
-    """The newest epoch checkpoint that loads (never ``best.pth``); damaged ones are reported
-    with their path and reason, and skipped."""
-    for _, path in epoch_checkpoints(output_dir):
+    """The loadable training checkpoint (epoch or step, never ``best.pth``) that continues
+    furthest along; damaged ones are reported with their path and reason, and skipped."""
+    candidates = [((epoch + 1, 0), path) for epoch, path in epoch_checkpoints(output_dir)]
+    candidates += step_checkpoints(output_dir)
+    for _, path in sorted(candidates, reverse=True):
         try:
             checkpoint = load_checkpoint_file(path, trust)
-            for key in ("model", "optimizer", "lr_scheduler", "epoch"):
+            required = ("model", "optimizer", "lr_scheduler", "epoch")
+            if STEP_CHECKPOINT_PATTERN.search(os.path.basename(path)):
+                required += ("step",)
+            for key in required:
                 if key not in checkpoint:
                     raise UserError(f"{path} lacks the '{key}' entry of a training checkpoint")
             return path, checkpoint

@@ -8,7 +8,7 @@ import torch
 from timm.data import Mixup, create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.transforms import str_to_interp_mode
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 from torchvision.datasets import FakeData
 from yacs.config import CfgNode
@@ -16,7 +16,9 @@ from yacs.config import CfgNode
 from config import UserError
 from data.digits import ensure_digits_folder
 from data.folder import build_folder_dataset, check_data_path, find_val_split
+from data.resumable import ResumableSampler, SeededDataset
 from data.zip_dataset import ZipImageDataset
+from runtime import ignore_stop_signals
 
 DATASETS = ("imagenet", "digits", "fake")
 SMALL_IMAGE_SIZE = 32  # at or below: CIFAR-style pad-and-crop instead of resizing crops
@@ -142,24 +144,24 @@ def build_loader(config: CfgNode, rank: int = 0, world_size: int = 1
                  ) -> tuple[Dataset, Dataset, DataLoader, DataLoader, Optional[Mixup]]:
     """``(dataset_train, dataset_val, loader_train, loader_val, mixup_fn)`` for this rank.
 
-    The train loader shuffles with a DistributedSampler seeded by config.SEED (call its
-    ``set_epoch`` each epoch) and drops the last partial batch. Its workers are seeded by torch
-    from a base seed drawn from torch's global RNG, so seeding torch before an epoch replays it; the val loader gives each rank
-    its ShardSampler share. An unreadable image raises ``UnreadableImageError`` (a UserError whose
+    The train loader shuffles with a ResumableSampler seeded by config.SEED (call its
+    ``set_epoch(epoch, start)`` each epoch; ``start`` skips samples a step checkpoint already
+    trained) and drops the last partial batch; each sample's augmentation is seeded from
+    (SEED, epoch, index), whichever worker loads it. The val loader gives each rank its
+    ShardSampler share. Workers ignore the stop signals (the main process stops them). An unreadable image raises ``UnreadableImageError`` (a UserError whose
     one-line message names the file) from iterating either loader, with or without workers.
     """
     dataset_train, dataset_val = build_datasets(config, rank, world_size)
     batch_size = config.DATA.BATCH_SIZE
-    sampler_train = DistributedSampler(dataset_train, num_replicas=world_size, rank=rank,
-                                       shuffle=True, seed=config.SEED)
+    sampler_train = ResumableSampler(dataset_train, world_size, rank, config.SEED)
     if len(sampler_train) < batch_size:
         raise UserError(f"DATA.BATCH_SIZE {batch_size} is larger than the {len(sampler_train)} "
                         f"training images per process ({len(dataset_train)} images, "
                         f"{world_size} processes)")
     loader_options = dict(batch_size=batch_size, num_workers=config.DATA.NUM_WORKERS,
                           pin_memory=config.DATA.PIN_MEMORY and torch.cuda.is_available(),
-                          persistent_workers=False)
-    loader_train = DataLoader(dataset_train, sampler=sampler_train, drop_last=True,
+                          persistent_workers=False, worker_init_fn=ignore_stop_signals)
+    loader_train = DataLoader(SeededDataset(dataset_train), sampler=sampler_train, drop_last=True,
                               **loader_options)
     loader_val = DataLoader(dataset_val, sampler=ShardSampler(len(dataset_val), rank, world_size),
                             shuffle=False, drop_last=False, **loader_options)

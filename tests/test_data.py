@@ -334,17 +334,26 @@ def test_eval_transform_resizes_then_crops_or_squashes(folder, crop):
 
 # ----------------------------------------------------------------------------- reproducibility
 
-def test_epoch_replays_identically_after_reseeding_torch(folder):
-    *_, loader_train, _, _ = build_loader(make_config(folder, "DATA.NUM_WORKERS", 1,
-                                                      "DATA.BATCH_SIZE", 4, "AUG.MIXUP", 0.0,
-                                                      "AUG.CUTMIX", 0.0))
+def test_epoch_follows_seed_and_epoch_only_and_resumes_at_any_batch(folder):
+    """Each sample's augmentation (random crop, RandAugment, erasing: Python, NumPy and torch
+    RNGs) comes from (SEED, epoch, index): the same batches with or without workers, whatever
+    torch's global RNG, and a sampler started at batch 1 gives exactly the epoch's rest."""
 
-    def one_epoch(seed: int) -> list:
-        torch.manual_seed(seed)
-        loader_train.sampler.set_epoch(3)
+    def one_epoch(seed: int, workers: int, start_batch: int = 0, torch_seed: int = 0) -> list:
+        *_, loader_train, _, _ = build_loader(make_config(folder, "SEED", seed, "DATA.NUM_WORKERS", workers,
+                                                          "DATA.BATCH_SIZE", 4, "AUG.MIXUP", 0.0, "AUG.CUTMIX", 0.0,
+                                                          "AUG.REPROB", 0.5))
+        torch.manual_seed(torch_seed)
+        loader_train.sampler.set_epoch(3, start_batch * 4)
+        assert len(loader_train) == 3 - start_batch
         return list(loader_train)
 
-    first, again, other_seed = one_epoch(11), one_epoch(11), one_epoch(12)
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
-    assert all(torch.equal(a[1], b[1]) for a, b in zip(first, other_seed))  # same sampler order
-    assert not all(torch.equal(a[0], b[0]) for a, b in zip(first, other_seed))
+    def same(first: list, second: list) -> bool:
+        return len(first) == len(second) and all(
+            torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, second))
+
+    full = one_epoch(0, 0)
+    assert len(full) == 3
+    assert same(full, one_epoch(0, 2, torch_seed=5))
+    assert same(full[1:], one_epoch(0, 2, start_batch=1))
+    assert not same(full, one_epoch(1, 0))
