@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from config import UserError
+from data.digits import ensure_digits_folder
 from runtime import CheckpointClock, StopSignals
 from utils import load_checkpoint_file, model_state, newest_loadable_checkpoint, remove_step_checkpoints, \
     resume_position, save_checkpoint, step_checkpoints
@@ -37,7 +38,8 @@ FINAL = f"ckpt_epoch_{EPOCHS - 1}.pth"
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("digits") / "digits")
+    """The digits image folder, written once here (main.py writes it only into an existing folder)."""
+    return ensure_digits_folder(str(tmp_path_factory.mktemp("digits") / "digits"))
 
 
 def command(digits_path, output, *extra):
