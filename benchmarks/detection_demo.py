@@ -43,30 +43,38 @@ def main() -> int:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1")
     metrics_file = os.path.join(output, RUN_SUBDIR, "metrics.jsonl")
     start = time.time()
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    os.makedirs(output, exist_ok=True)
+    errors_file = os.path.join(output, "stderr.txt")
+    with open(errors_file, "w") as errors:
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=errors)
     seen, cpu, reached = 0, 0.0, None
     print(f"{'epoch':>5} {'bbox AP50':>9} {'bbox AP':>8} {'segm AP':>8} {'wall min':>8} {'cpu min':>8}", flush=True)
-    while True:
-        running = process.poll() is None
-        if running:
-            try:
-                cpu = cpu_seconds(process.pid)
-            except OSError:
-                pass
-        lines = open(metrics_file).read().splitlines() if os.path.isfile(metrics_file) else []
-        for line in lines[seen:]:
-            record = json.loads(line)
-            wall = (time.time() - start) / 60
-            print(f"{record['epoch']:>5} {record['bbox_AP50']:>9.3f} {record['bbox_AP']:>8.3f} "
-                  f"{record['segm_AP']:>8.3f} {wall:>8.2f} {cpu / 60:>8.2f}", flush=True)
-            if reached is None and record["bbox_AP50"] >= TARGET_AP50:
-                reached = (record["epoch"], wall, cpu / 60)
-        seen = len(lines)
-        if not running:
-            break
-        time.sleep(1.0)
+    try:
+        while True:
+            running = process.poll() is None
+            if running:
+                try:
+                    cpu = cpu_seconds(process.pid)
+                except OSError:
+                    pass
+            lines = open(metrics_file).read().splitlines() if os.path.isfile(metrics_file) else []
+            for line in lines[seen:]:
+                record = json.loads(line)
+                wall = (time.time() - start) / 60
+                print(f"{record['epoch']:>5} {record['bbox_AP50']:>9.3f} {record['bbox_AP']:>8.3f} "
+                      f"{record['segm_AP']:>8.3f} {wall:>8.2f} {cpu / 60:>8.2f}", flush=True)
+                if reached is None and record["bbox_AP50"] >= TARGET_AP50:
+                    reached = (record["epoch"], wall, cpu / 60)
+            seen = len(lines)
+            if not running:
+                break
+            time.sleep(1.0)
+    finally:
+        if process.poll() is None:  # interrupted: do not leave the training running
+            process.kill()
     if process.returncode != 0:
-        print(f"training failed (exit {process.returncode}): {process.stderr.read()[-2000:]}", file=sys.stderr)
+        with open(errors_file) as errors:
+            print(f"training failed (exit {process.returncode}): {errors.read()[-2000:]}", file=sys.stderr)
         return 1
     print(f"threads {args.threads}, {os.cpu_count()} cores, load average at the end {os.getloadavg()[0]:.1f}")
     if reached is None:
