@@ -8,6 +8,7 @@ The data is a small copy of the bundled digits detection set (16 train, 8 val im
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -132,7 +133,8 @@ def _as_results(coco, annotations_of) -> list[dict]:
 
 def test_coco_eval_of_perfect_predictions_is_1_and_of_shuffled_ones_much_less(digits_root, caplog):
     coco = load_coco(os.path.join(digits_root, "annotations", "instances_val2017.json"))
-    logger = __import__("logging").getLogger("crossformer.test")
+    logger = logging.getLogger("crossformer.test")
+    caplog.set_level(logging.INFO, logger="crossformer.test")
     perfect = coco_evaluate(coco, _as_results(coco, lambda i: coco.imgToAnns[i]), ("bbox", "segm"), logger)
     assert perfect["bbox_AP"] == pytest.approx(1.0) and perfect["segm_AP"] == pytest.approx(1.0)
     assert perfect["bbox_AP50"] == pytest.approx(1.0)
@@ -315,8 +317,9 @@ def test_predict_draws_detections_on_one_image(trained, digits_root, tmp_path):
     result = run_script("detection/predict.py", "--cfg", DEMO_CFG, "--data-path", digits_root, "--checkpoint",
                         trained / RUN_SUBDIR / "ckpt_epoch_1.pth", "--image", image, "--out", out, "--score", 0.0)
     assert result.returncode == 0, explain(result)
-    assert re.search(r"\d+ detections drawn to ", result.stdout)
+    drawn_count = int(re.search(r"(\d+) detections drawn to ", result.stdout).group(1))
     from PIL import Image
     with Image.open(out) as drawn, Image.open(image) as original:
         assert drawn.size == original.size
-        assert np.asarray(drawn.convert("RGB")).tolist() != np.asarray(original.convert("RGB")).tolist()
+        changed = np.asarray(drawn.convert("RGB")).tolist() != np.asarray(original.convert("RGB")).tolist()
+        assert changed == (drawn_count > 0)
