@@ -38,12 +38,12 @@ def to_coco_results(image_id: int, output: dict[str, Tensor], categories: Catego
 
 
 def gather_results(results: list[dict]) -> list[dict]:
-    """Every rank's records, concatenated (the same list on each rank)."""
+    """Every rank's records, concatenated on rank 0 (other ranks get an empty list)."""
     if not (dist.is_available() and dist.is_initialized()):
         return results
-    parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, results)
-    return [record for part in parts for record in part]
+    parts: list | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(results, parts, dst=0)
+    return [record for part in parts for record in part] if parts else []
 
 
 def coco_evaluate(coco_gt: COCO, results: list[dict], iou_types: tuple[str, ...],

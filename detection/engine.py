@@ -121,9 +121,9 @@ def evaluate(model: nn.Module, loader: DataLoader, precision: Precision, dist_in
         for target, output in zip(targets, outputs):
             results += to_coco_results(target["image_id"], output, dataset.categories)
     results = gather_results(results)
-    logger.info(f"detected {len(results)} objects in {len(dataset)} images in {time.time() - start:.1f}s")
     metrics = {}
     if dist_info.is_main:
+        logger.info(f"detected {len(results)} objects in {len(dataset)} images in {time.time() - start:.1f}s")
         iou_types = ("bbox", "segm") if dataset.with_masks else ("bbox",)
         metrics = coco_evaluate(dataset.coco, results, iou_types, logger)
     return broadcast_metrics(metrics)

@@ -4,7 +4,8 @@
 
 Counted by ``torch.utils.flop_counter.FlopCounterMode`` over one inference pass (CPU, float32):
 every matrix product and convolution (attention, MLPs, patch embeddings, FPN, RPN, heads; the R-CNN
-heads at the proposals the test settings keep), reported as GMACs = counted FLOPs / 2, which is what
+heads at full test load: DET.RPN_POST_NMS_TOP_N_TEST proposals and DET.DETECTIONS_PER_IMG masks,
+whatever the scores of the random image), reported as GMACs = counted FLOPs / 2, which is what
 mmcv's get_flops and the paper call "GFLOPs". Not counted: normalisation, activations, softmax,
 element-wise additions, RoIAlign, NMS, resizing. The image is sized so that the detector's own
 resize (DET.MIN_SIZE / DET.MAX_SIZE) keeps it as it is.
@@ -29,6 +30,8 @@ def count_macs(model: torch.nn.Module, height: int, width: int) -> tuple[int, in
     """``(whole detector, backbone body)`` multiply-accumulates of one ``height x width`` image."""
     model.eval()
     model.transform.min_size, model.transform.max_size = (min(height, width),), max(height, width)
+    if hasattr(model, "roi_heads"):  # R-CNN heads at full load: every detection slot filled
+        model.roi_heads.score_thresh = 0.0
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         model([torch.rand(3, height, width)])

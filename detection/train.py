@@ -19,6 +19,7 @@ import time
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root, not detection/
 
 from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from yacs.config import CfgNode  # noqa: E402
 
@@ -49,7 +50,8 @@ def load_backbone_weights(model: nn.Module, path: str, trust: bool) -> None:
     load_weights(model.backbone.body, state, path)
 
 
-def prepare(config: CfgNode, dist_info: DistInfo, logger: logging.Logger, train: bool):
+def prepare(config: CfgNode, dist_info: DistInfo, logger: logging.Logger,
+            train: bool) -> tuple[DataLoader | None, DataLoader, nn.Module, Precision]:
     """Loaders, detector (with pretrained or resumed weights) and precision shared by train and test."""
     loader_train, loader_val = engine.build_loaders(config, dist_info, train)
     model = build_detector(config).to(dist_info.device)

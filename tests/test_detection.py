@@ -222,6 +222,25 @@ def test_class_count_and_missing_images_are_errors(tmp_path):
         CocoDetection(root, "val", 2, with_masks=False)
 
 
+def test_pretrained_classification_weights_load_into_the_backbone(tmp_path):
+    """The classification demo model has the detection demo's backbone: its checkpoint loads, head
+    and final norm left out."""
+    from detection.train import load_backbone_weights
+    from models import build_model
+    classifier = build_model(load_config(os.path.join(REPO, "configs", "demo", "digits.yaml")))
+    path = tmp_path / "classifier.pth"
+    torch.save({"model": classifier.state_dict(), "epoch": 3}, path)
+    model = build_detector(demo_config())
+    load_backbone_weights(model, str(path), trust=False)
+    body = model.backbone.body.state_dict()
+    loaded = {k: v for k, v in classifier.state_dict().items() if not k.startswith(("head.", "norm."))}
+    assert loaded and set(loaded) <= set(body)
+    assert all(torch.equal(body[k], v) for k, v in loaded.items())
+    torch.save({"model": {"layers.0.weight": torch.zeros(3)}}, path)
+    with pytest.raises(UserError, match="does not fit this model"):
+        load_backbone_weights(model, str(path), trust=False)
+
+
 # ----------------------------------------------------------------------------- paper configs
 @pytest.mark.parametrize("name", sorted(PAPER_PARAMS))
 def test_paper_configs_match_the_paper_parameter_counts(name):
