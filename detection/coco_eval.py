@@ -53,8 +53,11 @@ def coco_evaluate(coco_gt: COCO, results: list[dict], iou_types: tuple[str, ...]
     metrics = {}
     for iou_type in iou_types:
         if results:
+            # one field per type, as loadRes takes the object areas (small/medium/large) from the box
+            # when a record has one; copies, as loadRes adds fields to them
+            other = "segmentation" if iou_type == "bbox" else "bbox"
             with contextlib.redirect_stdout(io.StringIO()):
-                coco_dt = coco_gt.loadRes([dict(r) for r in results])
+                coco_dt = coco_gt.loadRes([{k: v for k, v in r.items() if k != other} for r in results])
             evaluator = COCOeval(coco_gt, coco_dt, iou_type)
             evaluator.params.imgIds = sorted(coco_gt.getImgIds())
             summary = io.StringIO()
