@@ -35,6 +35,8 @@ RUN_SUBDIR = os.path.join("mask_rcnn_demo_digits", "default")
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 DETECTED_LINE = re.compile(r"detected (\d+) objects in (\d+) images")
 # paper parameter counts (80 classes)
+# pycocotools' mask decoding trips a NumPy 2 deprecation warning (not ours)
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 PAPER_PARAMS = {"retinanet_crossformer_s_fpn_1x_coco": 40.8e6, "retinanet_crossformer_b_fpn_1x_coco": 62.1e6,
                 "mask_rcnn_crossformer_s_fpn_1x_coco": 50.2e6, "mask_rcnn_crossformer_b_fpn_1x_coco": 71.5e6}
 
