@@ -56,7 +56,7 @@ def prepare(config: CfgNode, dist_info: DistInfo, logger: logging.Logger,
     loader_train, loader_val = engine.build_loaders(config, dist_info, train)
     model = build_detector(config).to(dist_info.device)
     logger.info(f"{config.DET.TYPE} {config.MODEL.NAME}: {sum(p.numel() for p in model.parameters()):,} parameters")
-    if config.MODEL.PRETRAINED:
+    if config.MODEL.PRETRAINED and not config.MODEL.RESUME:
         load_backbone_weights(model, config.MODEL.PRETRAINED, config.TRUST_CHECKPOINTS)
         logger.info(f"loaded backbone weights from {config.MODEL.PRETRAINED}")
     precision = Precision(config, dist_info.device)
