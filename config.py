@@ -127,6 +127,30 @@ _C.AUG.HFLIP = 0.5  # horizontal-flip probability (0 for digits and text)
 _C.TEST = CN()
 _C.TEST.CROP = True
 
+# ----------------------------------------------------------------------------- detection (detection/)
+# Used only by detection/train.py and detection/test.py. DATA.DATASET is 'coco' (a COCO-layout
+# folder) or 'digits' (the bundled demo set); MODEL.NUM_CLASSES counts object categories.
+_C.DET = CN()
+_C.DET.TYPE = "mask_rcnn"  # mask_rcnn, faster_rcnn, retinanet (torchvision.models.detection)
+_C.DET.FPN_CHANNELS = 256
+_C.DET.MIN_SIZE = [800]  # short side; several values: one drawn per training image, the last one at test
+_C.DET.MAX_SIZE = 1333  # long-side limit
+_C.DET.ANCHOR_SIZES = [32, 64, 128, 256, 512]  # one base size per pyramid level
+_C.DET.ASPECT_RATIOS = [0.5, 1.0, 2.0]
+_C.DET.RPN_PRE_NMS_TOP_N_TRAIN = 2000  # proposals per level before NMS
+_C.DET.RPN_PRE_NMS_TOP_N_TEST = 1000
+_C.DET.RPN_POST_NMS_TOP_N_TRAIN = 2000
+_C.DET.RPN_POST_NMS_TOP_N_TEST = 1000
+_C.DET.BOX_BATCH_SIZE_PER_IMAGE = 512  # sampled RoIs per image for the box head
+_C.DET.BOX_HEAD_DIM = 1024  # the two fully connected layers of the box head
+_C.DET.MASK_HEAD_CONVS = 4
+_C.DET.SCORE_THRESH = 0.05
+_C.DET.DETECTIONS_PER_IMG = 100
+_C.DET.LR_STEPS = [8, 11]  # epochs after which the learning rate is multiplied by TRAIN.LR_SCHEDULER.DECAY_RATE
+_C.DET.WARMUP_ITERS = 500  # linear warm-up from BASE_LR * WARMUP_RATIO, in optimizer steps
+_C.DET.WARMUP_RATIO = 0.001
+_C.DET.HFLIP = 0.5
+
 # ----------------------------------------------------------------------------- misc
 # Mixed precision: 'native' (the official default), '', O1 and O2 autocast to AMP_DTYPE; O0 is float32.
 _C.AMP_OPT_LEVEL = "native"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import logging
+import math
 import multiprocessing
 import os
 import signal
@@ -17,7 +19,7 @@ import torch.distributed as dist
 from yacs.config import CfgNode
 
 from config import UserError
-from utils import DistInfo, init_distributed, seed_everything
+from utils import DistInfo, init_distributed, load_checkpoint_file, newest_loadable_checkpoint, seed_everything
 
 
 # '' is the official config.py's placeholder, which the official main.py always replaces by its
@@ -262,3 +264,26 @@ class CheckpointClock:
 
     def due(self) -> bool:
         return self.seconds > 0 and time.monotonic() - self.start >= self.seconds
+def optimizer_step(optimizer: torch.optim.Optimizer, precision: Precision, parameters, max_norm: float) -> torch.Tensor:
+    """After a (scaled) backward: unscale, clip the gradient norm to ``max_norm`` (0: no clipping),
+    step, update the scaler, zero the gradients. Returns the gradient norm before clipping."""
+    precision.scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm if max_norm > 0 else math.inf)
+    precision.scaler.step(optimizer)
+    precision.scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def checkpoint_to_resume(config: CfgNode, logger: logging.Logger) -> tuple[str, dict] | None:
+    """``(path, checkpoint)`` to continue from: with TRAIN.AUTO_RESUME (not in eval mode) the newest
+    loadable epoch checkpoint of OUTPUT, which wins over MODEL.RESUME; else MODEL.RESUME, if set."""
+    if config.TRAIN.AUTO_RESUME and not config.EVAL_MODE:
+        found = newest_loadable_checkpoint(config.OUTPUT, logger, config.TRUST_CHECKPOINTS)
+        if found:
+            if config.MODEL.RESUME and config.MODEL.RESUME != found[0]:
+                logger.warning(f"auto-resume: using {found[0]} (newer than --resume {config.MODEL.RESUME})")
+            return found
+    if config.MODEL.RESUME:
+        return config.MODEL.RESUME, load_checkpoint_file(config.MODEL.RESUME, config.TRUST_CHECKPOINTS)
+    return None
