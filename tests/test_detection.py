@@ -32,6 +32,7 @@ from detection.transforms import RandomHorizontalFlip
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CFG = "configs/detection/demo_digits.yaml"
 RUN_SUBDIR = os.path.join("mask_rcnn_demo_digits", "default")
+EVAL_SUBDIR = RUN_SUBDIR + "-eval"  # evaluation runs write beside the training run, never into it
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 DETECTED_LINE = re.compile(r"detected (\d+) objects in (\d+) images")
 # paper parameter counts (80 classes)
@@ -309,7 +310,7 @@ def test_two_rank_gloo_evaluation_equals_one_rank(trained, digits_root, tmp_path
     assert two.returncode == 0, explain(two)
     detected = DETECTED_LINE.findall(one.stdout)
     assert detected == DETECTED_LINE.findall(two.stdout) and int(detected[0][0]) > 0 and detected[0][1] == "8"
-    first, second = read_metrics(tmp_path / "one" / RUN_SUBDIR), read_metrics(tmp_path / "two" / RUN_SUBDIR)
+    first, second = read_metrics(tmp_path / "one" / EVAL_SUBDIR), read_metrics(tmp_path / "two" / EVAL_SUBDIR)
     assert len(first) == len(second) == 1 and first == second
     assert first[0]["bbox_AR100"] > 0
 
