@@ -105,7 +105,7 @@ def _flatten(tree: Mapping, prefix: tuple = ()) -> list[tuple[tuple, Any]]:
 
 def model_params(model: nnx.Module) -> dict:
     """The parameters of a Flax model as a nested dict of arrays (the layout of :func:`torch_to_flax`)."""
-    return nnx.state(model, nnx.Param).to_pure_dict()
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
 def load_torch_state_dict(model: nnx.Module, state_dict: Mapping[str, Any]) -> None:

@@ -357,11 +357,10 @@ class CrossFormer(nnx.Module):
         self.num_features = embed_dim * 2 ** (num_stages - 1)
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, patch_norm, rngs=rngs)
-        self.absolute_pos_embed = None
-        if ape:  # learned for the configured size; resized for others
-            self.pos_embed_grid = tuple(conv_output_size(s, patch_size, patch_size[0]) for s in self.img_size)
-            self.absolute_pos_embed = nnx.Param(
-                _linear_init(rngs.params(), (1, math.prod(self.pos_embed_grid), embed_dim)))
+        # learned for the configured size; resized for others
+        self.pos_embed_grid = tuple(conv_output_size(s, patch_size, patch_size[0]) for s in self.img_size)
+        self.absolute_pos_embed = nnx.Param(
+            _linear_init(rngs.params(), (1, math.prod(self.pos_embed_grid), embed_dim))) if ape else None
         self.pos_drop = nnx.Dropout(drop_rate, rngs=rngs)
         drop_paths = np.linspace(0, drop_path_rate, sum(depths)).tolist()
         self.layers = nnx.List([
