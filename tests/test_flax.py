@@ -160,7 +160,7 @@ def test_keyword_form_runs_as_written_and_loads_our_weights():
         local_window_size=7)))
     assert sum(p.numel() for p in torch_model.parameters()) == sum(x.size for x in jax.tree.leaves(params))
     with torch.no_grad():
-        expected = torch_model(torch.from_numpy(np.asarray(img)).permute(0, 3, 1, 2)).numpy()
+        expected = torch_model(torch.from_numpy(np.array(img)).permute(0, 3, 1, 2)).numpy()
     converted = {"params": torch_to_flax(torch_model.state_dict())}
     np.testing.assert_allclose(np.asarray(v.apply(converted, img, rngs={'dropout': key2})), expected,
                                rtol=0, atol=1e-4)
