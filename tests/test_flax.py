@@ -116,6 +116,19 @@ def test_model_options_equal_pytorch(options, size):
     np.testing.assert_allclose(jitted(model)(nhwc(images)), expected, rtol=0, atol=1e-4)
 
 
+def test_intermediates_equal_pytorch():
+    torch_model, fixture = fixture_model("pp_micro")
+    torch_model.load_state_dict(fixture["model"])
+    graphdef, state = nnx.split(build_flax_model(fixture_config(fixture), fixture["model"]))
+    maps = jax.jit(lambda state, images: nnx.merge(graphdef, state).forward_intermediates(images))(
+        state, nhwc(fixture["input"]))
+    with torch.no_grad():
+        expected = torch_model.forward_intermediates(fixture["input"], intermediates_only=True)
+    assert len(maps) == len(expected) == 4
+    for feature, reference in zip(maps, expected):
+        np.testing.assert_allclose(np.asarray(feature), nhwc(reference), rtol=0, atol=1e-4)
+
+
 def test_round_trip_gives_identical_tensors():
     _, fixture = fixture_model("v1_micro")  # official checkpoint: also holds the DPB index buffers
     official = fixture["model"]
