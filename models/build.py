@@ -1,10 +1,16 @@
-"""``build_model(config)``: the model named by MODEL.TYPE, with the MODEL.CROS settings."""
+"""``build_model(config)`` (PyTorch) and ``build_flax_model(config)`` (Flax): the model named by
+MODEL.TYPE, with the MODEL.CROS settings."""
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from yacs.config import CfgNode
 
 from config import UserError
 from crossformer import CrossFormer
+
+if TYPE_CHECKING:  # jax and flax stay optional
+    import crossformer.flax
 
 
 def cross_scale_kwargs(config: CfgNode) -> dict:
@@ -56,7 +62,7 @@ def build_model(config: CfgNode) -> CrossFormer:
     return model
 
 
-def build_flax_model(config: CfgNode, state_dict: dict | None = None, seed: int = 0):
+def build_flax_model(config: CfgNode, state_dict: dict | None = None, seed: int = 0) -> crossformer.flax.CrossFormer:
     """The Flax NNX model of ``config`` (needs jax and flax): holding ``state_dict`` (PyTorch
     weights, converted) when given, else randomly initialised from ``seed``."""
     from flax import nnx

@@ -120,6 +120,11 @@ def load_torch_state_dict(model: nnx.Module, state_dict: Mapping[str, Any]) -> N
     for path, value in given.items():
         if value.shape != expected[path].shape:
             raise ValueError(f"{_torch_key(path)}: shape {tuple(value.shape)} for Flax {tuple(expected[path].shape)}")
+    for path, value in given.items():  # e.g. a half-precision checkpoint into a float32 model
+        node = params
+        for part in path[:-1]:
+            node = node[part]
+        node[path[-1]] = value.astype(expected[path].dtype, copy=False)
     state = nnx.state(model, nnx.Param)
     nnx.replace_by_pure_dict(state, params)
     nnx.update(model, state)
