@@ -23,7 +23,7 @@ from models.build import build_flax_model, cross_scale_kwargs  # noqa: E402
 from test_models import OFFICIAL, ROOT, fixture_model  # noqa: E402
 
 DEFAULT_CONFIGS = ["crossformer/tiny_patch4_group7_224", "crossformer_pp/small_patch4_group_const_224"]
-SIZES = [(224, 224), (256, 320)]  # 256x320 pads every stage's map
+SIZES = [(224, 224), (256, 320)]  # at 256x320 most stages pad their maps (padding and masks run)
 
 
 def config_of(name: str):
