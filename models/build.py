@@ -1,15 +1,22 @@
-"""``build_model(config)``: the model named by MODEL.TYPE, with the MODEL.CROS settings."""
+"""``build_model(config)`` (PyTorch) and ``build_flax_model(config)`` (Flax): the model named by
+MODEL.TYPE, with the MODEL.CROS settings."""
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from yacs.config import CfgNode
 
 from config import UserError
 from crossformer import CrossFormer
 
+if TYPE_CHECKING:  # jax and flax stay optional
+    import crossformer.flax
 
-def _cross_scale(config: CfgNode) -> CrossFormer:
+
+def cross_scale_kwargs(config: CfgNode) -> dict:
+    """The constructor arguments of a cross-scale model (PyTorch and Flax take the same ones)."""
     cros = config.MODEL.CROS
-    return CrossFormer(
+    return dict(
         img_size=config.DATA.IMG_SIZE,
         patch_size=cros.PATCH_SIZE,
         in_chans=cros.IN_CHANS,
@@ -37,6 +44,10 @@ def _cross_scale(config: CfgNode) -> CrossFormer:
     )
 
 
+def _cross_scale(config: CfgNode) -> CrossFormer:
+    return CrossFormer(**cross_scale_kwargs(config))
+
+
 MODEL_TYPES = {"cross-scale": _cross_scale}
 
 
@@ -46,6 +57,28 @@ def build_model(config: CfgNode) -> CrossFormer:
         raise UserError(f"unknown MODEL.TYPE {config.MODEL.TYPE!r}; known types: {', '.join(MODEL_TYPES)}")
     try:
         model = MODEL_TYPES[config.MODEL.TYPE](config)
+        model.stage_sizes(config.DATA.IMG_SIZE, config.DATA.IMG_SIZE)
+    except ValueError as err:
+        raise UserError(f"model {config.MODEL.NAME}: {err}") from err
+    return model
+    return model
+
+
+def build_flax_model(config: CfgNode, state_dict: dict | None = None, seed: int = 0) -> crossformer.flax.CrossFormer:
+    """The Flax NNX model of ``config`` (needs jax and flax): holding ``state_dict`` (PyTorch
+    weights, converted) when given, else randomly initialised from ``seed``."""
+    from flax import nnx
+
+    from crossformer.flax import CrossFormer as FlaxCrossFormer, from_torch
+
+    if config.MODEL.TYPE not in MODEL_TYPES:
+        raise UserError(f"unknown MODEL.TYPE {config.MODEL.TYPE!r}; known types: {', '.join(MODEL_TYPES)}")
+    kwargs = cross_scale_kwargs(config)
+    try:
+        if state_dict is not None:
+            model = from_torch(state_dict, seed, **kwargs)
+        else:
+            model = FlaxCrossFormer(**kwargs, rngs=nnx.Rngs(params=seed, dropout=seed))
         model.stage_sizes(config.DATA.IMG_SIZE, config.DATA.IMG_SIZE)
     except ValueError as err:
         raise UserError(f"model {config.MODEL.NAME}: {err}") from err
