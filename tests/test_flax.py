@@ -100,6 +100,21 @@ def test_fixture_logits_equal_official_under_jit(name):
     np.testing.assert_allclose(flax_apply(nhwc(padded)), expected, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["pp_linear_micro", "pp_alter_micro"])
+def test_group_type_fixture_logits_equal_official_under_jit(name):
+    """CrossFormer++ per-block group sizes (GROUP_TYPE), shared with the PyTorch model."""
+    _, fixture = fixture_model(name)
+    flax_apply = jitted(build_flax_model(fixture_config(fixture), fixture["model"]))
+    np.testing.assert_allclose(flax_apply(nhwc(fixture["input"])), fixture["logits"].numpy(), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("option", ["ADAPT_INTER", "USE_CPE"])
+def test_options_not_ported_are_a_clear_error(option):
+    config = load_config_with(config_of("crossformer_pp/small_patch4_group_const_224"), [f"MODEL.CROS.{option}", True])
+    with pytest.raises(UserError, match=f"does not support .*MODEL.CROS.{option}"):
+        build_flax_model(config)
+
+
 @pytest.mark.parametrize("options,size", [
     (dict(ape=True, pad_type=1), (80, 112)),  # resized position embedding, padding split top/bottom
     (dict(no_mask=True, use_acl=True, qkv_bias=False, patch_norm=False), (80, 112)),

@@ -23,9 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from crossformer.grouping import block_group_sizes
+
 # Same score as the PyTorch model gives padded keys (finite: a group of padding only stays NaN-free).
 PADDED_KEY_SCORE = -1e4
-GROUP_TYPES = ("constant",)
 
 _linear_init = nnx.initializers.truncated_normal(stddev=0.02)
 # PyTorch's default Conv2d weight distribution: uniform with variance 1 / (3 * fan_in).
@@ -61,15 +62,12 @@ def conv_output_size(size: int, kernel_sizes: Sequence[int], stride: int) -> int
 
 
 def block_groupings(depths: Sequence[int], group_size: Sequence[int], interval: Sequence[int],
-                    group_type: str = "constant") -> list[list[tuple[int, int]]]:
-    """``(group size, interval)`` of every block of every stage; interval 1 means SDA.
-
-    ``constant``: the stage's group size in every block, SDA and LDA alternating (LDA with the
-    stage's interval). The single place where per-block grouping is decided.
-    """
-    if group_type not in GROUP_TYPES:
-        raise ValueError(f"unknown group_type {group_type!r}; known: {', '.join(GROUP_TYPES)}")
-    return [[(group_size[s], interval[s] if i % 2 == 1 else 1) for i in range(depth)]
+                    group_type: str, resolution: int) -> list[list[tuple[int, int]]]:
+    """``(group size, interval)`` of every block of every stage; interval 1 means SDA. Group sizes
+    come from :func:`crossformer.grouping.block_group_sizes` (GROUP_TYPE, as the PyTorch model);
+    SDA and LDA alternate, LDA with the stage's interval."""
+    sizes = block_group_sizes(group_type, group_size, depths, resolution)
+    return [[(sizes[s][i], interval[s] if i % 2 == 1 else 1) for i in range(depth)]
             for s, depth in enumerate(depths)]
 
 
@@ -341,7 +339,14 @@ class CrossFormer(nnx.Module):
                  use_checkpoint: bool = False,
                  merge_size: Sequence[Sequence[int]] = ((2, 4), (2, 4), (2, 4)),
                  group_type: str = "constant", use_acl: bool = False, pad_type: int = 0,
-                 no_mask: bool = False, *, rngs: nnx.Rngs):
+                 no_mask: bool = False, adaptive_interval: bool = False, use_cpe: bool = False, *,
+                 rngs: nnx.Rngs):
+        """The arguments of the PyTorch model; ``adaptive_interval`` and ``use_cpe`` (CrossFormer++
+        options that no official config uses) are not ported yet and raise ValueError."""
+        for name, value in (("adaptive_interval (MODEL.CROS.ADAPT_INTER)", adaptive_interval),
+                            ("use_cpe (MODEL.CROS.USE_CPE)", use_cpe)):
+            if value:
+                raise ValueError(f"the Flax model does not support {name} yet; use the PyTorch model")
         num_stages = len(depths)
         for name, values in (("num_heads", num_heads), ("group_size", group_size), ("interval", interval)):
             if len(values) != num_stages:
@@ -350,9 +355,10 @@ class CrossFormer(nnx.Module):
             raise ValueError(f"merge_size needs {num_stages - 1} kernel lists, got {list(merge_size)}")
         if pad_type not in (0, 1):
             raise ValueError(f"pad_type must be 0 or 1, got {pad_type}")
-        groupings = block_groupings(depths, group_size, interval, group_type)
         mlp_ratios = [mlp_ratio] * num_stages if isinstance(mlp_ratio, (int, float)) else list(mlp_ratio)
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        # the first stage's resolution as the official code counts it (image height // patch stride)
+        groupings = block_groupings(depths, group_size, interval, group_type, self.img_size[0] // patch_size[0])
         self.num_classes = num_classes
         self.num_features = embed_dim * 2 ** (num_stages - 1)
 
