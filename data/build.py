@@ -148,8 +148,9 @@ def build_loader(config: CfgNode, rank: int = 0, world_size: int = 1
     ``set_epoch(epoch, start)`` each epoch; ``start`` skips samples a step checkpoint already
     trained) and drops the last partial batch; each sample's augmentation is seeded from
     (SEED, epoch, index), whichever worker loads it. The val loader gives each rank its
-    ShardSampler share. Workers ignore the stop signals (the main process stops them). An unreadable image raises ``UnreadableImageError`` (a UserError whose
-    one-line message names the file) from iterating either loader, with or without workers.
+    ShardSampler share. Workers ignore the stop signals (the main process stops them). An
+    unreadable image raises ``UnreadableImageError`` (a UserError whose one-line message names
+    the file) from iterating either loader, with or without workers.
     """
     dataset_train, dataset_val = build_datasets(config, rank, world_size)
     batch_size = config.DATA.BATCH_SIZE
