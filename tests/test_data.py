@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import random
 import zipfile
 
 import numpy as np
@@ -357,3 +358,17 @@ def test_epoch_follows_seed_and_epoch_only_and_resumes_at_any_batch(folder):
     assert same(full, one_epoch(0, 2, torch_seed=5))
     assert same(full[1:], one_epoch(0, 2, start_batch=1))
     assert not same(full, one_epoch(1, 0))
+
+
+def test_official_randaugment_runs_on_thousands_of_images():
+    """The official recipe (rand-m9-mstd0.5-inc1) draws posterize with 0 bits on ~0.2% of images;
+    some Pillow versions refuse that (requirements.txt keeps one that does not)."""
+    config = get_default_config()
+    config.merge_from_list(["DATA.IMG_SIZE", 32, "AUG.AUTO_AUGMENT", "rand-m9-mstd0.5-inc1"])
+    transform = build_transform(True, config)
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    random.seed(0)
+    for _ in range(4000):
+        image = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+        assert transform(image).shape == (3, 32, 32)
