@@ -109,3 +109,15 @@ def check_finite(bad_step: torch.Tensor, where: str) -> None:
     if step >= 0:
         raise NonFiniteLossError(f"loss is not finite at {where} step {step}; stopping without saving "
                                  "(the last checkpoint is kept)")
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, precision: Precision,
+                   clip_grad: float) -> torch.Tensor:
+    """One update after the (scaled) backward: unscale, clip to ``clip_grad`` (0: no clipping,
+    the norm is still measured), step, update the scaler, zero the gradients. Returns the norm."""
+    precision.scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad if clip_grad > 0 else float("inf"))
+    precision.scaler.step(optimizer)
+    precision.scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm

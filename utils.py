@@ -15,8 +15,6 @@ from torch import nn
 
 from config import UserError
 
-CHECKPOINT_PATTERN = re.compile(r"ckpt_epoch_(\d+)\.pth$")
-
 
 @dataclasses.dataclass(frozen=True)
 class DistInfo:
@@ -182,22 +180,30 @@ def load_pretrained(model: nn.Module, path: str, trust: bool = False) -> list[st
 
 def epoch_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     """``(epoch, path)`` of every ``ckpt_epoch_N.pth`` in ``output_dir``, newest first."""
+    return numbered_checkpoints(output_dir, "ckpt_epoch_")
+
+
+def numbered_checkpoints(output_dir: str, prefix: str) -> list[tuple[int, str]]:
+    """``(N, path)`` of every ``<prefix>N.pth`` in ``output_dir`` (epochs, iterations), newest first."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.pth$")
     found = []
-    for path in glob.glob(os.path.join(glob.escape(output_dir), "ckpt_epoch_*.pth")):
-        match = CHECKPOINT_PATTERN.search(os.path.basename(path))
+    for path in glob.glob(os.path.join(glob.escape(output_dir), glob.escape(prefix) + "*.pth")):
+        match = pattern.search(os.path.basename(path))
         if match:
             found.append((int(match.group(1)), path))
     return sorted(found, reverse=True)
 
 
-def newest_loadable_checkpoint(output_dir: str, logger: logging.Logger,
-                               trust: bool = False) -> tuple[str, dict] | None:
-    """The newest epoch checkpoint that loads (never ``best.pth``); damaged ones are reported
-    with their path and reason, and skipped."""
-    for _, path in epoch_checkpoints(output_dir):
+def newest_loadable_checkpoint(output_dir: str, logger: logging.Logger, trust: bool = False,
+                               prefix: str = "ckpt_epoch_",
+                               required: tuple[str, ...] = ("model", "optimizer", "lr_scheduler", "epoch"),
+                               ) -> tuple[str, dict] | None:
+    """The newest ``<prefix>N.pth`` checkpoint that loads and holds the ``required`` entries
+    (never ``best.pth``); damaged ones are reported with their path and reason, and skipped."""
+    for _, path in numbered_checkpoints(output_dir, prefix):
         try:
             checkpoint = load_checkpoint_file(path, trust)
-            for key in ("model", "optimizer", "lr_scheduler", "epoch"):
+            for key in required:
                 if key not in checkpoint:
                     raise UserError(f"{path} lacks the '{key}' entry of a training checkpoint")
             return path, checkpoint
