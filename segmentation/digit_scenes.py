@@ -2,8 +2,8 @@
 written once in the ADE20K layout (``images/{training,validation}/*.jpg``,
 ``annotations/{...}/*.png``).
 
-Each 64x64 scene holds 1 to 4 digits (one per 32x32 quadrant, 14-30 pixels tall, random ink
-colour) over a colour gradient with noise. Annotation values follow ADE20K: 0 is "other" and is
+Each 64x64 scene holds 1 to 4 digits (one per 32x32 quadrant, 14-30 pixels tall, in a random
+dark colour) over a light colour gradient with noise. Annotation values follow ADE20K: 0 is "other" and is
 ignored (the soft rim of each stroke, where ink covers 15-50 % of a pixel), 1 is the background,
 2 + d is digit d. After reduce-zero-label that gives 11 classes: background, then digits 0-9.
 Validation scenes use only digits of the fixed validation split of data/digits.py, so the model
@@ -23,18 +23,19 @@ SCENE_SIZE = 64
 SCENES = {"training": 1000, "validation": 200}
 DIGIT_SIZES = (14, 30)
 INK_RIM, INK_SOLID = 0.15, 0.5  # ink cover: rim pixels are ignored, solid ones are the digit
+BACKGROUND_RANGE, INK_RANGE, NOISE = (130, 255), (0, 100), 8  # light backgrounds, dark ink
 GENERATOR_SEED = 2022
 CLASS_NAMES = ["background"] + [str(d) for d in range(10)]
 
 
 def _background(rng: np.random.Generator) -> np.ndarray:
-    """A bilinear blend of four random corner colours plus Gaussian noise, float (64, 64, 3)."""
-    corners = rng.uniform(0, 255, size=(2, 2, 3))
+    """A bilinear blend of four random light corner colours plus Gaussian noise, float (64, 64, 3)."""
+    corners = rng.uniform(*BACKGROUND_RANGE, size=(2, 2, 3))
     u = np.linspace(0, 1, SCENE_SIZE)[:, None, None]
     v = u.transpose(1, 0, 2)
     gradient = ((1 - u) * (1 - v) * corners[0, 0] + (1 - u) * v * corners[0, 1]
                 + u * (1 - v) * corners[1, 0] + u * v * corners[1, 1])
-    return np.clip(gradient + rng.normal(0, 12, size=gradient.shape), 0, 255)
+    return np.clip(gradient + rng.normal(0, NOISE, size=gradient.shape), 0, 255)
 
 
 def render_scene(images: np.ndarray, targets: np.ndarray, pool: np.ndarray,
@@ -53,7 +54,7 @@ def render_scene(images: np.ndarray, targets: np.ndarray, pool: np.ndarray,
         left = (quadrant % 2) * half + int(rng.integers(0, max(1, half - size // 2)))
         cover = cover[:SCENE_SIZE - top, :SCENE_SIZE - left]
         window = (slice(top, top + cover.shape[0]), slice(left, left + cover.shape[1]))
-        ink = rng.uniform(0, 255, size=3)
+        ink = rng.uniform(*INK_RANGE, size=3)
         pixels[window] = pixels[window] * (1 - cover[..., None]) + ink * cover[..., None]
         annotation[window][cover > INK_RIM] = 0
         annotation[window][cover > INK_SOLID] = 2 + targets[index]

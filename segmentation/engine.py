@@ -83,7 +83,8 @@ def train(config: CfgNode, dist_info: DistInfo, model: nn.Module, model_without_
             best_miou = max(best_miou, summary["mIoU"])
             metrics.write({"iteration": done, "train_loss": loss_sum.item() / losses_counted,
                            "mIoU": summary["mIoU"], "mAcc": summary["mAcc"], "aAcc": summary["aAcc"],
-                           "best_mIoU": best_miou, "lr": optimizer.param_groups[0]["lr"]})
+                           "best_mIoU": best_miou, "lr": optimizer.param_groups[0]["lr"],
+                           "seconds": round(time.time() - start_time, 1)})
             loss_sum.zero_()
             losses_counted = 0
             model.train()

@@ -14,7 +14,9 @@ from PIL import Image
 from torch import nn
 
 from config import load_config
+from models import build_model
 from runtime import Precision
+from segmentation import predict as seg_predict
 from segmentation import test as seg_test
 from segmentation import train as seg_train
 from segmentation.align_resize import aligned_resize_size, rescale_size
@@ -243,6 +245,26 @@ def test_aug_test_flag_runs_every_scale(tmp_path, capsys):
                          checkpoint, "--aug-test", "--opts", *TINY, "DATA.DATASET", "ade20k"]) == 0
     out = capsys.readouterr().out
     assert "multi-scale evaluation" in out and len(MIOU_LINE.findall(out)) == 1
+    # one image: the class colours blended over it, at the image's size
+    image = os.path.join(data, "images", "validation", "0.jpg")
+    png = str(tmp_path / "overlay.png")
+    assert seg_predict.run(["--cfg", DEMO_CFG, "--checkpoint", checkpoint, "--image", image, "--out", png,
+                            "--opts", *TINY]) == 0
+    blended, original = np.asarray(Image.open(png)), np.asarray(Image.open(image).convert("RGB"))
+    assert blended.shape == original.shape and not np.array_equal(blended, original)
+    assert seg_predict.run(["--cfg", DEMO_CFG, "--checkpoint", checkpoint, "--image", str(tmp_path / "none.jpg"),
+                            "--out", png, "--opts", *TINY]) == 2
+
+
+def test_pretrained_backbone_weights_load_without_the_classifier(tmp_path):
+    config = tiny_config()
+    classifier = build_model(config)
+    path = str(tmp_path / "imagenet.pth")
+    torch.save({"model": classifier.state_dict()}, path)
+    model = build_segmentation_model(config)
+    seg_train.load_backbone_weights(model, path, trust=False)
+    for key, value in model.backbone.state_dict().items():
+        assert torch.equal(value, classifier.state_dict()[key]), key
 
 
 # ----------------------------------------------------------------------------- bad input
