@@ -19,7 +19,7 @@ from torch import nn  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from yacs.config import CfgNode  # noqa: E402
 
-from config import get_config  # noqa: E402
+from config import UserError, get_config  # noqa: E402
 from logger import create_logger  # noqa: E402
 from optimizer import build_optimizer  # noqa: E402
 from runtime import Precision, add_common_arguments, launch, setup_run  # noqa: E402
@@ -63,7 +63,7 @@ def main(config: CfgNode, dist_info: DistInfo, aug_test: bool = False) -> dict |
     if config.MODEL.PRETRAINED and not config.MODEL.RESUME:
         load_backbone_weights(model, config.MODEL.PRETRAINED, config.TRUST_CHECKPOINTS)
         logger.info(f"loaded backbone weights from {config.MODEL.PRETRAINED}")
-    if dist_info.world_size > 1:
+    if dist_info.world_size > 1 and device.type == "cuda":  # torch's SyncBatchNorm trains on GPUs only
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
     model_without_ddp = model
@@ -103,6 +103,8 @@ def run(argv: list[str] | None = None) -> int:
     args = parse_option(argv)
 
     def job() -> None:
+        if args.aug_test and not args.eval:
+            raise UserError("--aug-test applies to evaluation: add --eval --resume CKPT, or use segmentation/test.py")
         config = get_config(args)
         main(config, setup_run(config), args.aug_test)
 
