@@ -20,7 +20,7 @@ from segmentation import predict as seg_predict
 from segmentation import test as seg_test
 from segmentation import train as seg_train
 from segmentation.align_resize import aligned_resize_size, rescale_size
-from segmentation.engine import predict_probabilities
+from segmentation.engine import poly_learning_rate, predict_probabilities
 from segmentation.heads import build_segmentation_model
 from segmentation.losses import SegmentationLoss
 from segmentation.metrics import SegmentationMeter, area_counts
@@ -188,6 +188,15 @@ def test_aug_test_of_a_flip_symmetric_case_equals_single_scale():
     uniform = torch.full((3, 50, 70), 90, dtype=torch.uint8)
     multi = predict_probabilities(model, uniform, config, precision, (0.5, 1.0, 1.75), flip=True)
     torch.testing.assert_close(multi, predict_probabilities(model, uniform, config, precision))
+
+
+def test_poly_learning_rate_with_warmup():
+    config = tiny_config("TRAIN.BASE_LR", "0.01", "SEG.MAX_ITERS", "100", "SEG.WARMUP_ITERS", "10",
+                         "SEG.WARMUP_RATIO", "0.1", "SEG.POWER", "0.9", "SEG.MIN_LR", "0.0")
+    assert poly_learning_rate(config, 0) == pytest.approx(0.001)  # warm-up starts at WARMUP_RATIO
+    assert poly_learning_rate(config, 5) == pytest.approx(0.01 * 0.95 ** 0.9 * (1 - 0.5 * 0.9))
+    assert poly_learning_rate(config, 50) == pytest.approx(0.01 * 0.5 ** 0.9)
+    assert poly_learning_rate(config, 100) == 0.0
 
 
 # ----------------------------------------------------------------------------- end to end
