@@ -145,8 +145,7 @@ def build_train_loader(config: CfgNode, root: str, rank: int, world_size: int, s
     sampler = IterationSampler(len(dataset), config.DATA.BATCH_SIZE, rank, world_size, config.SEED,
                                start, config.SEG.MAX_ITERS)
     return DataLoader(dataset, batch_size=config.DATA.BATCH_SIZE, sampler=sampler, drop_last=True,
-                      num_workers=config.DATA.NUM_WORKERS, pin_memory=config.DATA.PIN_MEMORY,
-                      persistent_workers=False)
+                      num_workers=config.DATA.NUM_WORKERS, pin_memory=config.DATA.PIN_MEMORY)
 
 
 def build_val_loader(config: CfgNode, root: str, rank: int, world_size: int) -> DataLoader:
