@@ -25,7 +25,6 @@ DIGIT_SIZES = (14, 30)
 INK_RIM, INK_SOLID = 0.15, 0.5  # ink cover: rim pixels are ignored, solid ones are the digit
 BACKGROUND_RANGE, INK_RANGE, NOISE = (130, 255), (0, 100), 8  # light backgrounds, dark ink
 GENERATOR_SEED = 2022
-CLASS_NAMES = ["background"] + [str(d) for d in range(10)]
 
 
 def _background(rng: np.random.Generator) -> np.ndarray:

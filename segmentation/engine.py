@@ -130,7 +130,7 @@ def predict_probabilities(model: nn.Module, image: Tensor, config: CfgNode, prec
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, config: CfgNode, precision: Precision, device: torch.device,
-             logger: logging.Logger, aug_test: bool = False, class_names: list[str] | None = None) -> dict:
+             logger: logging.Logger, aug_test: bool = False) -> dict:
     """mIoU, mAcc, aAcc and the per-class table over the validation images of every rank:
     single-scale, or with --aug-test SEG.TEST_RATIOS (and flip if SEG.TEST_FLIP)."""
     model.eval()
@@ -141,5 +141,5 @@ def evaluate(model: nn.Module, loader: Iterable, config: CfgNode, precision: Pre
         prediction = predict_probabilities(model, image[0], config, precision, ratios, flip).argmax(0)
         meter.update(prediction, label[0])
     summary = meter.summary()
-    logger.info(("multi-scale" if aug_test else "single-scale") + " evaluation\n" + format_table(summary, class_names))
+    logger.info(("multi-scale" if aug_test else "single-scale") + " evaluation\n" + format_table(summary))
     return summary

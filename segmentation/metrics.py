@@ -41,12 +41,10 @@ class SegmentationMeter:
                 "IoU": iou.tolist(), "Acc": acc.tolist()}
 
 
-def format_table(summary: dict, class_names: list[str] | None = None) -> str:
-    """The per-class IoU/Acc table (percent) and the summary line, as text for the log."""
-    names = class_names or [str(i) for i in range(len(summary["IoU"]))]
-    width = max(8, *(len(n) for n in names))
-    lines = [f"{'Class':<{width}} {'IoU':>7} {'Acc':>7}"]
-    for name, iou, acc in zip(names, summary["IoU"], summary["Acc"]):
-        lines.append(f"{name:<{width}} {100 * iou:7.2f} {100 * acc:7.2f}")
+def format_table(summary: dict) -> str:
+    """The per-class IoU/Acc table (percent; nan: no such pixels) and the summary line, for the log."""
+    lines = [f"{'Class':>5} {'IoU':>7} {'Acc':>7}"]
+    for index, (iou, acc) in enumerate(zip(summary["IoU"], summary["Acc"])):
+        lines.append(f"{index:>5} {100 * iou:7.2f} {100 * acc:7.2f}")
     lines.append(f" * mIoU {100 * summary['mIoU']:.2f} mAcc {100 * summary['mAcc']:.2f} aAcc {100 * summary['aAcc']:.2f}")
     return "\n".join(lines)
