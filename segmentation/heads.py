@@ -111,12 +111,13 @@ class FCNHead(nn.Sequential):
 
 
 class SegmentationModel(nn.Module):
-    """Backbone + per-stage LayerNorms + decode head (+ auxiliary head on stage 3 when training)."""
+    """Backbone + per-stage LayerNorms (``dims``: channels of each stage map) + decode head
+    (+ auxiliary head on stage 3 when training)."""
 
-    def __init__(self, backbone: CrossFormer, decode_head: nn.Module, aux_head: nn.Module | None = None):
+    def __init__(self, backbone: CrossFormer, dims: Sequence[int], decode_head: nn.Module,
+                 aux_head: nn.Module | None = None):
         super().__init__()
         self.backbone = backbone
-        dims = [layer.blocks[0].norm1.normalized_shape[0] for layer in backbone.layers]
         self.out_norms = nn.ModuleList(nn.LayerNorm(d) for d in dims)
         self.decode_head = decode_head
         self.aux_head = aux_head
@@ -157,4 +158,4 @@ def build_segmentation_model(config: CfgNode) -> SegmentationModel:
     else:
         head = UPerHead(dims, classes, seg.CHANNELS, seg.POOL_SCALES, seg.DROPOUT)
     aux = FCNHead(dims[2], classes, seg.AUX_CHANNELS, seg.DROPOUT) if seg.AUX_WEIGHT > 0 else None
-    return SegmentationModel(backbone, head, aux)
+    return SegmentationModel(backbone, dims, head, aux)
