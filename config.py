@@ -150,6 +150,35 @@ _C.DET.LR_STEPS = [8, 11]  # epochs after which the learning rate is multiplied 
 _C.DET.WARMUP_ITERS = 500  # linear warm-up from BASE_LR * WARMUP_RATIO, in optimizer steps
 _C.DET.WARMUP_RATIO = 0.001
 _C.DET.HFLIP = 0.5
+# ----------------------------------------------------------------------------- segmentation
+# segmentation/train.py and test.py only (mmseg's names where they have one). DATA.DATASET is
+# 'ade20k' (the ADE20K folder layout) or 'digit_scenes' (the bundled demo, written once).
+_C.SEG = CN()
+_C.SEG.HEAD = "fpn"  # fpn: Semantic FPN; upernet: UPerNet (+ auxiliary FCN head)
+_C.SEG.NECK_CHANNELS = 256  # Semantic FPN: FPN neck channels
+_C.SEG.CHANNELS = 128  # decode head channels (Semantic FPN 128, UPerNet 512)
+_C.SEG.POOL_SCALES = [1, 2, 3, 6]  # UPerNet pyramid pooling
+_C.SEG.DROPOUT = 0.1  # before the classifier of each head
+_C.SEG.AUX_WEIGHT = 0.0  # loss weight of the auxiliary FCN head on stage 3; 0: no auxiliary head
+_C.SEG.AUX_CHANNELS = 256
+_C.SEG.IGNORE_INDEX = 255
+_C.SEG.REDUCE_ZERO_LABEL = True  # label 0 is ignored, 1..N become 0..N-1
+_C.SEG.IMG_SCALE = [2048, 512]  # (long, short) side limits of the keep-ratio resize
+_C.SEG.RATIO_RANGE = [0.5, 2.0]  # training: random multiple of IMG_SCALE
+_C.SEG.CROP_SIZE = [512, 512]  # training crop (height, width)
+_C.SEG.CAT_MAX_RATIO = 0.75  # a crop may hold at most this share of one class (10 tries)
+_C.SEG.FLIP_PROB = 0.5
+_C.SEG.PHOTOMETRIC = True  # brightness, contrast, saturation, hue distortion
+_C.SEG.SIZE_DIVISOR = 32  # align resize at test time: sides rounded up to a multiple of this
+_C.SEG.TEST_RATIOS = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]  # --aug-test scales
+_C.SEG.TEST_FLIP = True  # --aug-test also averages the flipped image
+_C.SEG.MAX_ITERS = 80000
+_C.SEG.WARMUP_ITERS = 0  # linear warm-up (a factor on the poly rate, from WARMUP_RATIO to 1)
+_C.SEG.WARMUP_RATIO = 1e-6
+_C.SEG.POWER = 0.9  # poly decay: (1 - iter / MAX_ITERS) ** POWER
+_C.SEG.MIN_LR = 0.0
+_C.SEG.EVAL_INTERVAL = 8000  # iterations between evaluations (and at the end)
+_C.SEG.CHECKPOINT_INTERVAL = 8000  # iterations between ckpt_iter_N.pth files (and at the end)
 
 # ----------------------------------------------------------------------------- misc
 # Mixed precision: 'native' (the official default), '', O1 and O2 autocast to AMP_DTYPE; O0 is float32.

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import logging
-import math
 import os
 import sys
 import time
@@ -34,7 +33,8 @@ from lr_scheduler import build_scheduler
 from models import build_model
 from optimizer import build_optimizer
 from plot import write_curves
-from runtime import CheckpointClock, Precision, StopSignals, add_common_arguments, check_finite, launch, setup_run
+from runtime import (CheckpointClock, Precision, StopSignals, add_common_arguments, check_finite, launch,
+                     optimizer_step, setup_run)
 from utils import (DistInfo, all_reduce_sum, derive_seed, load_checkpoint_file, load_pretrained, load_weights,
                    model_state, newest_loadable_checkpoint, prune_checkpoints, remove_step_checkpoints,
                    resume_position, save_checkpoint, seed_everything, step_checkpoint_path)
@@ -335,7 +335,6 @@ def train_one_epoch(config: CfgNode, model: nn.Module, criterion: nn.Module, loa
     model_without_ddp = model.module if isinstance(model, DistributedDataParallel) else model
     accumulation = max(1, config.TRAIN.ACCUMULATION_STEPS)
     num_steps = updates_per_epoch * accumulation  # a trailing partial accumulation is left out
-    clip = config.TRAIN.CLIP_GRAD if config.TRAIN.CLIP_GRAD > 0 else math.inf
     epoch_sums = epoch_sums or {}
     loss_sum = torch.tensor(epoch_sums.get("loss_sum", 0.0), device=device, dtype=torch.float64)
     last_loss = torch.zeros((), device=device)
@@ -362,12 +361,8 @@ def train_one_epoch(config: CfgNode, model: nn.Module, criterion: nn.Module, loa
         loss_sum += last_loss
         bad_step = torch.where((bad_step < 0) & ~torch.isfinite(last_loss), idx, bad_step)
         if update:
-            precision.scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            grad_norm = optimizer_step(model, optimizer, precision, config.TRAIN.CLIP_GRAD)
             norm_sum += grad_norm.float()
-            precision.scaler.step(optimizer)
-            precision.scaler.update()
-            optimizer.zero_grad(set_to_none=True)
             update_count = epoch * updates_per_epoch + (idx + 1) // accumulation
             lr_scheduler.step_update(update_count)
             if ema is not None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import logging
-import math
 import multiprocessing
 import os
 import signal
@@ -264,11 +263,14 @@ class CheckpointClock:
 
     def due(self) -> bool:
         return self.seconds > 0 and time.monotonic() - self.start >= self.seconds
-def optimizer_step(optimizer: torch.optim.Optimizer, precision: Precision, parameters, max_norm: float) -> torch.Tensor:
-    """After a (scaled) backward: unscale, clip the gradient norm to ``max_norm`` (0: no clipping),
-    step, update the scaler, zero the gradients. Returns the gradient norm before clipping."""
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, precision: Precision,
+                   clip_grad: float) -> torch.Tensor:
+    """One update after the (scaled) backward: unscale, clip to ``clip_grad`` (0: no clipping,
+    the norm is still measured), step, update the scaler, zero the gradients. Returns the norm."""
     precision.scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm if max_norm > 0 else math.inf)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad if clip_grad > 0 else float("inf"))
     precision.scaler.step(optimizer)
     precision.scaler.update()
     optimizer.zero_grad(set_to_none=True)

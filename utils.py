@@ -20,8 +20,8 @@ from torch import nn
 
 from config import UserError
 
-CHECKPOINT_PATTERN = re.compile(r"ckpt_epoch_(\d+)\.pth$")
 STEP_CHECKPOINT_PATTERN = re.compile(r"ckpt_epoch_(\d+)_step_(\d+)\.pth$")
+EPOCH_CHECKPOINT_PREFIX = "ckpt_epoch_"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,9 +264,15 @@ def load_pretrained(model: nn.Module, path: str, trust: bool = False, key: str =
 
 def epoch_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     """``(epoch, path)`` of every ``ckpt_epoch_N.pth`` in ``output_dir``, newest first."""
+    return numbered_checkpoints(output_dir, EPOCH_CHECKPOINT_PREFIX)
+
+
+def numbered_checkpoints(output_dir: str, prefix: str) -> list[tuple[int, str]]:
+    """``(N, path)`` of every ``<prefix>N.pth`` in ``output_dir`` (epochs, iterations), newest first."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.pth$")
     found = []
-    for path in glob.glob(os.path.join(glob.escape(output_dir), "ckpt_epoch_*.pth")):
-        match = CHECKPOINT_PATTERN.search(os.path.basename(path))
+    for path in glob.glob(os.path.join(glob.escape(output_dir), glob.escape(prefix) + "*.pth")):
+        match = pattern.search(os.path.basename(path))
         if match:
             found.append((int(match.group(1)), path))
     return sorted(found, reverse=True)
@@ -306,19 +312,22 @@ def resume_position(checkpoint: dict) -> tuple[int, int]:
     return int(checkpoint["epoch"]) + 1, 0
 
 
-def newest_loadable_checkpoint(output_dir: str, logger: logging.Logger,
-                               trust: bool = False) -> tuple[str, dict] | None:
-    """The loadable training checkpoint (epoch or step, never ``best.pth``) that continues
-    furthest along; damaged ones are reported with their path and reason, and skipped."""
-    candidates = [((epoch + 1, 0), path) for epoch, path in epoch_checkpoints(output_dir)]
-    candidates += step_checkpoints(output_dir)
+def newest_loadable_checkpoint(output_dir: str, logger: logging.Logger, trust: bool = False,
+                               prefix: str = EPOCH_CHECKPOINT_PREFIX,
+                               required: tuple[str, ...] = ("model", "optimizer", "lr_scheduler", "epoch"),
+                               ) -> tuple[str, dict] | None:
+    """The loadable training checkpoint (never ``best.pth``) that continues furthest along: the
+    ``<prefix>N.pth`` files holding the ``required`` entries, and with the epoch prefix also the
+    step checkpoints inside epochs (which hold ``step`` too). Damaged ones are reported with their
+    path and reason, and skipped."""
+    candidates = [((number + 1, 0), path) for number, path in numbered_checkpoints(output_dir, prefix)]
+    if prefix == EPOCH_CHECKPOINT_PREFIX:
+        candidates += step_checkpoints(output_dir)
     for _, path in sorted(candidates, reverse=True):
         try:
             checkpoint = load_checkpoint_file(path, trust)
-            required = ("model", "optimizer", "lr_scheduler", "epoch")
-            if STEP_CHECKPOINT_PATTERN.search(os.path.basename(path)):
-                required += ("step",)
-            for key in required:
+            is_step = STEP_CHECKPOINT_PATTERN.search(os.path.basename(path)) is not None
+            for key in required + (("step",) if is_step else ()):
                 if key not in checkpoint:
                     raise UserError(f"{path} lacks the '{key}' entry of a training checkpoint")
             return path, checkpoint

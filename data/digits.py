@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -39,27 +40,43 @@ def ensure_digits_folder(root: str = "") -> str:
     the rename race drops its copy and uses the winner's.
     """
     from sklearn.datasets import load_digits  # imported here: slow, and only digits needs it
-    from sklearn.model_selection import train_test_split
 
     root = os.path.abspath(os.path.expanduser(root or DEFAULT_ROOT))
     if os.path.isdir(os.path.join(root, "train")):
         return root
     digits = load_digits()
-    train_indices, val_indices = train_test_split(
-        np.arange(len(digits.target)), test_size=VAL_FRACTION, stratify=digits.target,
-        random_state=SPLIT_SEED)
+    train_indices, val_indices = split_indices(digits.target)
+
+    def fill(staging: str) -> None:
+        _write_split(os.path.join(staging, "train"), digits.images, digits.target, train_indices)
+        _write_split(os.path.join(staging, "val"), digits.images, digits.target, val_indices)
+
+    write_folder_once(root, "train", fill, "the digits dataset")
+    return root
+
+
+def split_indices(targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed stratified 80/20 train/val split of ``load_digits()`` indices."""
+    from sklearn.model_selection import train_test_split
+
+    return train_test_split(np.arange(len(targets)), test_size=VAL_FRACTION, stratify=targets,
+                            random_state=SPLIT_SEED)
+
+
+def write_folder_once(root: str, marker: str, fill: Callable[[str], None], what: str) -> None:
+    """Create folder ``root`` by ``fill(staging)`` in a temporary folder beside it that is renamed
+    into place, so concurrent processes never see half a folder; a process that loses the rename
+    race drops its copy and uses the winner's (whose ``root/marker`` exists)."""
     parent = os.path.dirname(root)
     staging = ""
     try:
         os.makedirs(parent, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}-", dir=parent)
-        _write_split(os.path.join(staging, "train"), digits.images, digits.target, train_indices)
-        _write_split(os.path.join(staging, "val"), digits.images, digits.target, val_indices)
+        fill(staging)
         os.rename(staging, root)  # replaces an empty folder; fails if another process won
     except OSError as err:
-        if not os.path.isdir(os.path.join(root, "train")):
-            raise UserError(f"cannot write the digits dataset to {root}: {err}") from err
+        if not os.path.exists(os.path.join(root, marker)):
+            raise UserError(f"cannot write {what} to {root}: {err}") from err
     finally:
         if staging and os.path.isdir(staging):
             shutil.rmtree(staging)
-    return root

@@ -87,7 +87,7 @@ def train_one_epoch(config: CfgNode, model: nn.Module, loader: DataLoader, optim
             losses = model(images, targets)
         loss = sum(losses.values())
         precision.scaler.scale(loss).backward()
-        grad_norm = optimizer_step(optimizer, precision, model.parameters(), config.TRAIN.CLIP_GRAD)
+        grad_norm = optimizer_step(model, optimizer, precision, config.TRAIN.CLIP_GRAD)
         lr_scheduler.step_update(epoch * steps + idx + 1)
         for name, value in {"loss": loss, **losses}.items():
             sums[name] = sums.get(name, 0.0) + value.detach().float()
