@@ -136,8 +136,9 @@ def _as_results(coco, annotations_of) -> list[dict]:
 
 def test_coco_eval_of_perfect_predictions_is_1_and_of_shuffled_ones_much_less(digits_root, caplog):
     coco = load_coco(os.path.join(digits_root, "annotations", "instances_val2017.json"))
-    logger = logging.getLogger("crossformer.test")
-    caplog.set_level(logging.INFO, logger="crossformer.test")
+    # not under "crossformer": a run's create_logger stops that tree from propagating to caplog
+    logger = logging.getLogger("detection_test")
+    caplog.set_level(logging.INFO, logger="detection_test")
     perfect = coco_evaluate(coco, _as_results(coco, lambda i: coco.imgToAnns[i]), ("bbox", "segm"), logger)
     assert perfect["bbox_AP"] == pytest.approx(1.0) and perfect["segm_AP"] == pytest.approx(1.0)
     assert perfect["bbox_AP50"] == pytest.approx(1.0)
