@@ -1,4 +1,8 @@
-"""CrossFormer and CrossFormer++: the model, importable on its own (``pip install .``)."""
+"""CrossFormer and CrossFormer++: the model, importable on its own (``pip install .``).
+
+Importing the package registers the eight official models with timm (``crossformer.timm_models``).
+"""
+from crossformer import timm_models
 from crossformer.model import CrossFormer
 
-__all__ = ["CrossFormer"]
+__all__ = ["CrossFormer", "timm_models"]

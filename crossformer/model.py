@@ -283,6 +283,11 @@ class Stage(nn.Module):
         return x
 
 
+def _check_global_pool(global_pool: str) -> None:
+    if global_pool not in ("avg", ""):
+        raise ValueError(f"global_pool must be 'avg' or '' (none), got {global_pool!r}")
+
+
 class CrossFormer(nn.Module):
     """CrossFormer / CrossFormer++ classifier; any input size at run time (``img_size`` only sets
     the size for :meth:`flops` and the absolute position embedding)."""
@@ -297,7 +302,7 @@ class CrossFormer(nn.Module):
                  use_checkpoint: bool = False,
                  merge_size: Sequence[Sequence[int]] = ((2, 4), (2, 4), (2, 4)),
                  group_type: str = "constant", use_acl: bool = False, pad_type: int = 0,
-                 no_mask: bool = False):
+                 no_mask: bool = False, global_pool: str = "avg"):
         super().__init__()
         num_stages = len(depths)
         for name, values in (("num_heads", num_heads), ("group_size", group_size), ("interval", interval)):
@@ -309,10 +314,15 @@ class CrossFormer(nn.Module):
             raise ValueError(f"unknown group_type {group_type!r}; known: {', '.join(GROUP_TYPES)}")
         if pad_type not in (0, 1):
             raise ValueError(f"pad_type must be 0 or 1, got {pad_type}")
+        _check_global_pool(global_pool)
         mlp_ratios = [mlp_ratio] * num_stages if isinstance(mlp_ratio, (int, float)) else list(mlp_ratio)
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         self.num_classes = num_classes
-        self.num_features = embed_dim * 2 ** (num_stages - 1)
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = embed_dim * 2 ** (num_stages - 1)
+        self.output_fmt = "NHWC"  # of forward_features; forward_intermediates gives NCHW
+        self.feature_info = [dict(num_chs=embed_dim * 2 ** i, reduction=patch_size[0] * 2 ** i, module=f"layers.{i}")
+                             for i in range(num_stages)]
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, patch_norm)
         self.absolute_pos_embed = None
@@ -410,7 +420,10 @@ class CrossFormer(nn.Module):
         return self.norm(x), intermediates
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = x.mean(dim=(1, 2))
+        """``(B, h, w, C)`` features -> logits; ``pre_logits``: the pooled features. Without global
+        pooling (``global_pool=''``) the map stays unpooled."""
+        if self.global_pool == "avg":
+            x = x.mean(dim=(1, 2))
         return x if pre_logits else self.head(x)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -425,12 +438,42 @@ class CrossFormer(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"absolute_pos_embed"}
 
-    def no_weight_decay_keywords(self) -> set[str]:
-        return {"relative_position_bias_table"}
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups from input to output, for timm's layer-wise LR decay: the patch
+        embedding, each stage (or each block and merging layer), the final norm."""
+        if coarse:
+            return dict(stem=r"^patch_embed|^absolute_pos_embed", blocks=r"^layers\.(\d+)")
+        return dict(stem=r"^patch_embed|^absolute_pos_embed",
+                    blocks=[(r"^layers\.(\d+)\.blocks\.(\d+)", None),
+                            (r"^layers\.(\d+)\.downsample", (99998,)),
+                            (r"^norm", (99999,))])
 
-    def reset_classifier(self, num_classes: int) -> None:
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """New (randomly initialised) head for ``num_classes`` (0: none); ``global_pool``: 'avg' or ''."""
+        if global_pool is not None:
+            _check_global_pool(global_pool)
+            self.global_pool = global_pool
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the stages (and norm, head) that the maps of ``indices`` do not need; returns the
+        kept indices, as :meth:`forward_intermediates` takes them."""
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        if max_index < len(self.layers) - 1:
+            self.layers = self.layers[:max_index + 1]
+            self.layers[-1].downsample = None
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+            prune_norm = prune_head = True
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
 
     def flops(self, img_size: int | Sequence[int] | None = None) -> int:
         """Multiply-accumulates of one image at ``img_size`` (default: the configured size),
