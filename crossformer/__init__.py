@@ -3,6 +3,7 @@
 Importing the package registers the eight official models with timm (``crossformer.timm_models``).
 """
 from crossformer import timm_models
+from crossformer.export import export_program
 from crossformer.model import CrossFormer
 
-__all__ = ["CrossFormer", "timm_models"]
+__all__ = ["CrossFormer", "export_program", "timm_models"]
