@@ -63,6 +63,11 @@ _C.MODEL.CROS.USE_ACL = False
 _C.MODEL.CROS.PAD_TYPE = 0  # 0: pad bottom/right, 1: split the padding between both sides
 _C.MODEL.CROS.NO_MASK = False
 
+# MODEL.TYPE timm: any timm model by name. Class count, dropout and drop path come from
+# MODEL.NUM_CLASSES / DROP_RATE / DROP_PATH_RATE, input channels from MODEL.CROS.IN_CHANS.
+_C.MODEL.TIMM = CN()
+_C.MODEL.TIMM.NAME = ""  # e.g. crossvit_9_240, swin_tiny_patch4_window7_224, resnet18
+
 # ----------------------------------------------------------------------------- training
 _C.TRAIN = CN()
 _C.TRAIN.START_EPOCH = 0

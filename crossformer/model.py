@@ -444,7 +444,7 @@ class CrossFormer(nn.Module):
             self.absolute_pos_embed = nn.Parameter(torch.zeros(1, math.prod(self.pos_embed_grid), embed_dim))
             trunc_normal_(self.absolute_pos_embed, std=0.02)
         self.pos_drop = nn.Dropout(drop_rate)
-        drop_paths = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        drop_paths = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # also under meta
         self.layers = nn.ModuleList(
             Stage(embed_dim * 2 ** i, depths[i], num_heads[i], group_size[i], interval[i], mlp_ratios[i],
                   qkv_bias, qk_scale, drop_rate, attn_drop_rate, drop_paths[sum(depths[:i]):sum(depths[:i + 1])],
