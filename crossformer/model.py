@@ -88,7 +88,7 @@ def resized_pos_embed(pos_embed: Tensor, grid: tuple[int, int], h: int, w: int) 
     """The ``(1, grid_h * grid_w, C)`` absolute position embedding as a ``(1, h, w, C)`` map, bicubic
     resized unless the size is known to equal the grid it was learned for."""
     pos = pos_embed.view(1, grid[0], grid[1], -1)
-    if isinstance(h, int) and isinstance(w, int) and (h, w) == tuple(grid):
+    if not torch.compiler.is_compiling() and isinstance(h, int) and isinstance(w, int) and (h, w) == tuple(grid):
         return pos
     return F.interpolate(pos.permute(0, 3, 1, 2), size=(h, w), mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
 
@@ -228,8 +228,9 @@ def ungroup_embeddings(x: Tensor, index: Tensor) -> Tensor:
 @torch.fx.wrap
 def padding_mask(index: Tensor, H: int, W: int, layout: GroupLayout) -> Tensor | None:
     """``(num_groups, group**2)`` booleans, True where a grouped embedding is padding; None when the
-    padding is known to be zero (eager at a size that needs none; symbolic sizes always get a mask)."""
-    if all(isinstance(pad, int) and pad == 0 for pad in layout[2:]):
+    padding is known to be zero: in eager mode at a size that needs none. Traced and compiled code
+    always gets a mask, so that it holds for every size."""
+    if not torch.compiler.is_compiling() and all(isinstance(pad, int) and pad == 0 for pad in layout[2:]):
         return None
     return (index == H * W).unflatten(0, (-1, layout.group * layout.group))
 

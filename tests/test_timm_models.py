@@ -191,11 +191,15 @@ def test_compile_dynamic_does_not_recompile_per_size():
     counters.clear()
     model = tiny("crossformer_tiny_patch4_group7_224").eval()
     compiled = torch.compile(model, dynamic=True, backend="eager")
+    graphs = []
     with torch.no_grad():
-        for size in SIZES + ((320, 256), (352, 384)):
+        for size in SIZES + ((320, 256), (352, 384), (416, 480)):
             x = torch.randn(1, 3, *size)
             torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=1e-4)
-    assert counters["stats"]["unique_graphs"] <= 2
+            graphs.append(counters["stats"]["unique_graphs"])
+    # torch specialises the first graph on the 7x7 single-group stage and square size of 224x224, and
+    # the second on a convolution-size heuristic; after that, new sizes reuse the graph
+    assert graphs[2] <= 3 and graphs[-1] == graphs[2]
 
 
 # ----------------------------------------------------------------------------- checkpoints
