@@ -301,9 +301,12 @@ class Attention(nn.Module):
         mask = attention_mask(self.position_bias(group), padded_keys, B).to(q.dtype)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
                                            dropout_p=self.attn_drop if self.training else 0.0)
-        # An explicit copy: the layout of the attention output differs between kernels (and between
-        # export and its decompositions), so a view chosen at trace time could be wrong later.
-        x = x.transpose(1, 2).clone(memory_format=torch.contiguous_format).view(B, num_groups, N, C)
+        x = x.transpose(1, 2)
+        if torch.compiler.is_compiling():  # export, compile: the attention output's layout differs
+            # between kernels (and between export and its decompositions), so copy explicitly
+            # rather than let reshape pick a view that is wrong for another kernel
+            x = x.clone(memory_format=torch.contiguous_format)
+        x = x.reshape(B, num_groups, N, C)
         return self.proj_drop(self.proj(x))
 
 
