@@ -56,7 +56,8 @@ def conv_output_size(size: int, kernel_sizes: Sequence[int], stride: int) -> int
     return (size + 2 * ((kernel - stride) // 2) - kernel) // stride + 1
 
 
-def stage_sizes(H: int, W: int, patch_size: Sequence[int], merge_sizes: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+def stage_sizes(H: int, W: int, patch_size: Sequence[int],
+                merge_sizes: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
     """Map size ``(h, w)`` of every stage for an ``H x W`` input (sizes < 1: input too small)."""
     sizes = [(conv_output_size(H, patch_size, patch_size[0]), conv_output_size(W, patch_size, patch_size[0]))]
     for kernels in merge_sizes:
