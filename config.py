@@ -83,6 +83,11 @@ _C.MODEL.CROS.ADAPT_INTER = False  # LDA interval ceil(map size / G) per block i
 _C.MODEL.CROS.PAD_TYPE = 0  # 0: pad bottom/right, 1: split the padding between both sides
 _C.MODEL.CROS.NO_MASK = False
 
+# MODEL.TYPE timm: any timm model by name. Class count, dropout and drop path come from
+# MODEL.NUM_CLASSES / DROP_RATE / DROP_PATH_RATE, input channels from MODEL.CROS.IN_CHANS.
+_C.MODEL.TIMM = CN()
+_C.MODEL.TIMM.NAME = ""  # e.g. crossvit_9_240, swin_tiny_patch4_window7_224, resnet18
+
 # ----------------------------------------------------------------------------- training
 _C.TRAIN = CN()
 _C.TRAIN.START_EPOCH = 0

@@ -88,8 +88,8 @@ def main(config: CfgNode, dist_info: DistInfo) -> None:
     dataset_train, dataset_val, loader_train, loader_val, mixup_fn = build_loader(
         config, dist_info.rank, dist_info.world_size)
     model = build_model(config).to(device)
-    logger.info(f"model {config.MODEL.NAME}: {sum(p.numel() for p in model.parameters()):,} parameters, "
-                f"{model.flops() / 1e9:.3f} GFLOPs at {config.DATA.IMG_SIZE}")
+    flops = f", {model.flops() / 1e9:.3f} GFLOPs at {config.DATA.IMG_SIZE}" if hasattr(model, "flops") else ""
+    logger.info(f"model {config.MODEL.NAME}: {sum(p.numel() for p in model.parameters()):,} parameters{flops}")
     precision = Precision(config, device)
     logger.info(f"precision: {precision}")
 

@@ -9,16 +9,23 @@ attends inside each group with a dynamic position bias, and puts them back:
 The map is zero-padded to a multiple of the region size; padded embeddings are masked out as keys
 and cut off afterwards. A block whose map is no larger than ``G`` attends over the whole map (SDA
 with ``G = min(H, W)``). At the configured image size this reproduces the official models exactly.
+
+Tracing and export: the tensors derived from the input size (DPB offsets and index, padding masks)
+are computed in every forward by the small functions below, not cached. They are leaves for FX
+(``torch.fx.wrap`` and timm's ``register_notrace_function``), so ``symbolic_trace`` and feature
+extractors evaluate them at call time, and plain Python on symbolic sizes for ``torch.export`` /
+``torch.compile``: an export with dynamic height and width follows the padding at every size and
+guards the few choices that depend on the size (a map smaller than ``G``). ``torch.jit.trace`` and
+the TorchScript-based ONNX exporter would freeze those choices silently, so they are refused.
 """
 from __future__ import annotations
 
 import math
-from functools import lru_cache
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp, register_notrace_function, trunc_normal_
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -50,6 +57,44 @@ def conv_output_size(size: int, kernel_sizes: Sequence[int], stride: int) -> int
     return (size + 2 * ((kernel - stride) // 2) - kernel) // stride + 1
 
 
+def stage_sizes(H: int, W: int, patch_size: Sequence[int],
+                merge_sizes: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+    """Map size ``(h, w)`` of every stage for an ``H x W`` input (sizes < 1: input too small)."""
+    sizes = [(conv_output_size(H, patch_size, patch_size[0]), conv_output_size(W, patch_size, patch_size[0]))]
+    for kernels in merge_sizes:
+        sizes.append((conv_output_size(sizes[-1][0], kernels, 2), conv_output_size(sizes[-1][1], kernels, 2)))
+    return sizes
+
+
+def checked_stage_sizes(H: int, W: int, patch_size: Sequence[int],
+                        merge_sizes: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+    """:func:`stage_sizes`, with a ValueError naming the smallest usable size if the input is too small."""
+    sizes = stage_sizes(H, W, patch_size, merge_sizes)
+    if any(size < 1 for hw in sizes for size in hw):  # one comparison per size: no guard on H against W
+        smallest = next(s for s in range(1, 4096) if min(stage_sizes(s, s, patch_size, merge_sizes)[-1]) >= 1)
+        raise ValueError(f"input {H}x{W} is too small for this model: its last stage would have "
+                         f"{sizes[-1][0]}x{sizes[-1][1]} embeddings; use at least {smallest}x{smallest}")
+    return sizes
+
+
+@register_notrace_function
+@torch.fx.wrap
+def check_input_size(x: Tensor, patch_size: Sequence[int], merge_sizes: Sequence[Sequence[int]]) -> None:
+    """ValueError if the ``(B, C, H, W)`` input is too small for the stages."""
+    checked_stage_sizes(x.shape[-2], x.shape[-1], patch_size, merge_sizes)
+
+
+@register_notrace_function
+@torch.fx.wrap
+def resized_pos_embed(pos_embed: Tensor, grid: tuple[int, int], h: int, w: int) -> Tensor:
+    """The ``(1, grid_h * grid_w, C)`` absolute position embedding as a ``(1, h, w, C)`` map, bicubic
+    resized unless the size is known to equal the grid it was learned for."""
+    pos = pos_embed.view(1, grid[0], grid[1], -1)
+    if not torch.compiler.is_compiling() and isinstance(h, int) and isinstance(w, int) and (h, w) == tuple(grid):
+        return pos
+    return F.interpolate(pos.permute(0, 3, 1, 2), size=(h, w), mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
+
+
 class PatchEmbed(nn.Module):
     """Cross-scale embedding of the image: ``(B, 3, H, W)`` -> ``(B, H/s, W/s, C)``."""
 
@@ -78,47 +123,133 @@ class PatchMerging(nn.Module):
         return torch.cat([reduce(x) for reduce in self.reductions], dim=1).permute(0, 2, 3, 1)
 
 
-def group_embeddings(x: Tensor, group: int, interval: int) -> Tensor:
-    """``(B, Hp, Wp, C)`` -> ``(B, num_groups, group*group, C)``.
-
-    Each ``(group*interval)``-sized region splits into ``interval**2`` groups of embeddings that
-    lie ``interval`` apart; ``interval == 1`` gives groups of adjacent embeddings (SDA).
-    """
-    B, Hp, Wp, C = x.shape
-    span = group * interval
-    x = x.view(B, Hp // span, group, interval, Wp // span, group, interval, C)
-    return x.permute(0, 1, 3, 4, 6, 2, 5, 7).reshape(B, -1, group * group, C)
+class GroupLayout(NamedTuple):
+    """How a block groups an ``H x W`` map: group size, interval (1: SDA) and zero padding."""
+    group: int
+    interval: int
+    top: int
+    bottom: int
+    left: int
+    right: int
 
 
-def ungroup_embeddings(x: Tensor, group: int, interval: int, Hp: int, Wp: int) -> Tensor:
-    """Inverse of :func:`group_embeddings`: ``(B, num_groups, group*group, C)`` -> ``(B, Hp, Wp, C)``."""
-    B, C = x.shape[0], x.shape[-1]
-    span = group * interval
-    x = x.view(B, Hp // span, interval, Wp // span, interval, group, group, C)
-    return x.permute(0, 1, 5, 2, 3, 6, 4, 7).reshape(B, Hp, Wp, C)
+@register_notrace_function
+@torch.fx.wrap
+def group_layout(H: int, W: int, group_size: int, interval: int, pad_type: int) -> GroupLayout:
+    """The layout of an ``H x W`` map for a block of ``group_size`` and ``interval`` (1 for SDA
+    blocks). A map no larger than the group attends as one SDA group of ``min(H, W)``; otherwise the
+    map is padded to a multiple of ``group_size * interval`` (bottom/right, or split if ``pad_type``
+    is 1). Only sym_min and comparisons that export can decide from the size range: no guard on
+    ``H`` against ``W`` or on the padding."""
+    smallest = torch.sym_min(H, W)
+    if interval > 1 and smallest <= group_size:
+        interval = 1
+    if smallest < group_size:
+        group_size = smallest
+    span = group_size * interval
+    pad_h = (H + span - 1) // span * span - H
+    pad_w = (W + span - 1) // span * span - W
+    top, left = (pad_h // 2, pad_w // 2) if pad_type == 1 else (0, 0)
+    return GroupLayout(group_size, interval, top, pad_h - top, left, pad_w - left)
 
 
-@lru_cache(maxsize=64)
+@register_notrace_function
+@torch.fx.wrap
 def relative_offsets(group: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """All relative offsets ``(dy, dx)`` inside a ``group x group`` grid, as a float table of
     ``(2*group - 1)**2`` rows, and for each (query, key) pair the row of its offset."""
     span = torch.arange(1 - group, group, device=device)
     table = torch.stack(torch.meshgrid(span, span, indexing="ij"), dim=-1).reshape(-1, 2).float()
-    coords = torch.stack(torch.meshgrid(torch.arange(group, device=device), torch.arange(group, device=device),
-                                        indexing="ij")).flatten(1)
-    delta = (coords[:, :, None] - coords[:, None, :]) + group - 1
-    index = delta[0] * (2 * group - 1) + delta[1]
+    coords = torch.arange(group, device=device)
+    rows = coords.repeat_interleave(group)
+    cols = coords.repeat(group)
+    index = (rows[:, None] - rows[None, :] + group - 1) * (2 * group - 1) + cols[:, None] - cols[None, :] + group - 1
     return table, index
 
 
-@lru_cache(maxsize=64)
-def padded_key_mask(H: int, W: int, padding: tuple[int, int, int, int], group: int, interval: int,
-                    device: torch.device) -> Tensor:
-    """``(num_groups, group**2)`` booleans, True where a grouped embedding is padding."""
-    top, bottom, left, right = padding
-    padded = torch.ones(1, H + top + bottom, W + left + right, 1, dtype=torch.bool, device=device)
-    padded[:, top:top + H, left:left + W] = False
-    return group_embeddings(padded, group, interval)[0, :, :, 0]
+@register_notrace_function
+@torch.fx.wrap
+def group_index(H: int, W: int, layout: GroupLayout, device: torch.device) -> Tensor:
+    """``(num_groups * group**2,)``: where each grouped embedding comes from in the flattened ``H x W``
+    map, ``H * W`` for padding. Groups run over regions (row-major), then over the ``interval**2``
+    offsets inside a region; members are row-major. Members of a group lie ``interval`` apart.
+
+    Computed element-wise from one ``arange`` (no tensor whose size may be 1, no view of a padded
+    size), so that export reasons about it without guards on the input size."""
+    group, interval, top, bottom, left, right = layout
+    span = group * interval
+    regions_per_row = (left + W + right) // span
+    slot = torch.arange((top + H + bottom) // span * regions_per_row * interval * interval * group * group,
+                        device=device)
+    grouped, member = slot // (group * group), slot % (group * group)
+    col_offset, grouped = grouped % interval, grouped // interval
+    # remainder as a difference: ONNX has no remainder by a size computed at run time
+    row_major = grouped // regions_per_row
+    col_region, grouped = grouped - row_major * regions_per_row, row_major
+    row_offset, row_region = grouped % interval, grouped // interval
+    row = row_region * span + member // group * interval + row_offset - top
+    col = col_region * span + member % group * interval + col_offset - left
+    inside = (row >= 0) & (row < H) & (col >= 0) & (col < W)
+    return (row * W + col).masked_fill(~inside, H * W)
+
+
+@register_notrace_function
+@torch.fx.wrap
+def ungroup_index(H: int, W: int, layout: GroupLayout, device: torch.device) -> Tensor:
+    """``(H, W)``: the position of each embedding in the flattened grouped tensor (inverse of
+    :func:`group_index`)."""
+    group, interval, top, bottom, left, right = layout
+    span = group * interval
+
+    def coordinates(size: int, before: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(region, offset, member) of each coordinate of the padded map."""
+        coord = torch.arange(size, device=device) + before
+        return coord // span, coord % span % interval, coord % span // interval
+
+    row_region, row_offset, row_member = coordinates(H, top)
+    col_region, col_offset, col_member = coordinates(W, left)
+    regions_per_row = (left + W + right) // span
+    groups = ((row_region * interval + row_offset)[:, None] * regions_per_row + col_region[None, :]) * interval \
+        + col_offset[None, :]
+    return groups * group * group + (row_member * group)[:, None] + col_member[None, :]
+
+
+def group_embeddings(x: Tensor, index: Tensor, group: int) -> Tensor:
+    """``(B, H, W, C)`` -> ``(B, num_groups, group**2, C)`` by a :func:`group_index`; padding is zeros.
+    A gather rather than pad + view + permute: no view of a padded size that export must reason about."""
+    x = F.pad(x.flatten(1, 2), (0, 0, 0, 1))
+    return x[:, index].unflatten(1, (-1, group * group))
+
+
+def ungroup_embeddings(x: Tensor, index: Tensor) -> Tensor:
+    """``(B, num_groups, group**2, C)`` -> ``(B, H, W, C)`` by an :func:`ungroup_index` (padding dropped)."""
+    return x.flatten(1, 2)[:, index]
+
+
+@register_notrace_function
+@torch.fx.wrap
+def padding_mask(index: Tensor, H: int, W: int, layout: GroupLayout) -> Tensor | None:
+    """``(num_groups, group**2)`` booleans, True where a grouped embedding is padding; None when the
+    padding is known to be zero: in eager mode at a size that needs none. Traced and compiled code
+    always gets a mask, so that it holds for every size."""
+    if not torch.compiler.is_compiling() and all(isinstance(pad, int) and pad == 0 for pad in layout[2:]):
+        return None
+    return (index == H * W).unflatten(0, (-1, layout.group * layout.group))
+
+
+@register_notrace_function
+@torch.fx.wrap
+def attention_mask(bias: Tensor | None, padded_keys: Tensor | None, batch: int) -> Tensor | None:
+    """Additive mask for ``scaled_dot_product_attention`` over ``(batch * num_groups)`` groups: the
+    ``(heads, N, N)`` position bias (None without one: USE_CPE), and padded keys (``padded_keys``:
+    ``(num_groups, N)``, True where padded) pushed to ``PADDED_KEY_SCORE``; None when there is neither."""
+    if padded_keys is None:
+        return None if bias is None else bias.unsqueeze(0)
+    if bias is None:
+        keys = padded_keys.shape[-1]
+        bias = torch.zeros(1, keys, keys, device=padded_keys.device)
+    mask = bias.unsqueeze(0).masked_fill(padded_keys[:, None, None, :], PADDED_KEY_SCORE)
+    return mask.unsqueeze(0).expand(batch, -1, -1, -1, -1).flatten(0, 1)
 
 
 class DynamicPosBias(nn.Module):
@@ -192,31 +323,22 @@ class Attention(nn.Module):
         table, index = relative_offsets(group, self.qkv.weight.device)
         return self.pos(table.to(self.qkv.weight.dtype))[index].permute(2, 0, 1)
 
-    def attention_mask(self, group: int, padded_keys: Tensor | None, batch: int) -> Tensor | None:
-        """Additive mask for ``scaled_dot_product_attention``: the position bias, and padded keys
-        (``padded_keys``: ``(num_groups, group**2)``, True where padded) pushed to ``PADDED_KEY_SCORE``;
-        None when there is neither."""
-        if self.pos is not None:
-            bias = self.position_bias(group).unsqueeze(0)
-        elif padded_keys is not None:
-            bias = torch.zeros(1, 1, group ** 2, group ** 2, device=padded_keys.device)
-        else:
-            return None
-        if padded_keys is None:
-            return bias
-        mask = bias.masked_fill(padded_keys[:, None, None, :], PADDED_KEY_SCORE)
-        return mask.unsqueeze(0).expand(batch, -1, -1, -1, -1).flatten(0, 1)
-
     def forward(self, x: Tensor, group: int, padded_keys: Tensor | None = None) -> Tensor:
         """``x``: ``(B, num_groups, group**2, C)`` -> same shape."""
         B, num_groups, N, C = x.shape
         qkv = self.qkv(x).view(B * num_groups, N, 3, self.num_heads, C // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        mask = self.attention_mask(group, padded_keys, B)
+        bias = self.position_bias(group) if self.pos is not None else None
+        mask = attention_mask(bias, padded_keys, B)
         mask = mask.to(q.dtype) if mask is not None else None
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
                                            dropout_p=self.attn_drop if self.training else 0.0)
-        x = x.transpose(1, 2).reshape(B, num_groups, N, C)
+        x = x.transpose(1, 2)
+        if torch.compiler.is_compiling():  # export, compile: the attention output's layout differs
+            # between kernels (and between export and its decompositions), so copy explicitly
+            # rather than let reshape pick a view that is wrong for another kernel
+            x = x.clone(memory_format=torch.contiguous_format)
+        x = x.reshape(B, num_groups, N, C)
         return self.proj_drop(self.proj(x))
 
 
@@ -250,41 +372,35 @@ class CrossFormerBlock(nn.Module):
             self.ex_conv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
             self.ex_ln = nn.LayerNorm(dim)
 
+    def layout(self, H: int, W: int) -> GroupLayout:
+        """How this block groups and pads an ``H x W`` map. With ``adaptive_interval`` an LDA block
+        takes the interval ``ceil(max(H, W) / G)``, as the official code does for its square maps."""
+        interval = self.interval if self.use_lda else 1
+        if self.use_lda and self.adaptive_interval:
+            interval = (torch.sym_max(H, W) + self.group_size - 1) // self.group_size
+        return group_layout(H, W, self.group_size, interval, self.pad_type)
+
     def grouping(self, H: int, W: int) -> tuple[int, int]:
         """(group size, interval) used for an ``H x W`` map; interval 1 means SDA."""
-        if min(H, W) <= self.group_size:
-            return min(H, W), 1
-        if not self.use_lda:
-            return self.group_size, 1
-        if self.adaptive_interval:  # the official code: ceil(resolution / G), for its square maps
-            return self.group_size, math.ceil(max(H, W) / self.group_size)
-        return self.group_size, self.interval
+        layout = self.layout(H, W)
+        return layout.group, layout.interval
 
     def padding(self, H: int, W: int) -> tuple[int, int, int, int]:
         """(top, bottom, left, right) zero rows/columns that make the map a multiple of a region."""
-        group, interval = self.grouping(H, W)
-        span = group * interval
-        pad_h, pad_w = -H % span, -W % span
-        top, left = (pad_h // 2, pad_w // 2) if self.pad_type == 1 else (0, 0)
-        return top, pad_h - top, left, pad_w - left
+        layout = self.layout(H, W)
+        return layout.top, layout.bottom, layout.left, layout.right
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, H, W, C)`` -> same shape."""
         B, H, W, C = x.shape
-        group, interval = self.grouping(H, W)
-        top, bottom, left, right = self.padding(H, W)
-        shortcut = x
-        x = self.norm1(x)
+        layout = self.layout(H, W)
+        index = group_index(H, W, layout, x.device)
+        padding = None if self.no_mask else padding_mask(index, H, W, layout)
+        normed = self.norm1(x)
         if self.cpe is not None:
-            x = x + self.norm_cpe(self.cpe(x))
-        x = F.pad(x, (0, 0, left, right, top, bottom))
-        Hp, Wp = x.shape[1:3]
-        padded_keys = None
-        if (bottom or right or top or left) and not self.no_mask:
-            padded_keys = padded_key_mask(H, W, (top, bottom, left, right), group, interval, x.device)
-        x = self.attn(group_embeddings(x, group, interval), group, padded_keys)
-        x = ungroup_embeddings(x, group, interval, Hp, Wp)[:, top:top + H, left:left + W]
-        x = shortcut + self.drop_path(x)
+            normed = normed + self.norm_cpe(self.cpe(normed))
+        grouped = self.attn(group_embeddings(normed, index, layout.group), layout.group, padding)
+        x = x + self.drop_path(ungroup_embeddings(grouped, ungroup_index(H, W, layout, x.device)))
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         if self.use_acl:
             x = self.ex_ln(self.ex_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
@@ -337,6 +453,11 @@ class Stage(nn.Module):
         return x
 
 
+def _check_global_pool(global_pool: str) -> None:
+    if global_pool not in ("avg", ""):
+        raise ValueError(f"global_pool must be 'avg' or '' (none), got {global_pool!r}")
+
+
 class CrossFormer(nn.Module):
     """CrossFormer / CrossFormer++ classifier; any input size at run time (``img_size`` only sets
     the size for :meth:`flops` and the absolute position embedding)."""
@@ -351,7 +472,8 @@ class CrossFormer(nn.Module):
                  use_checkpoint: bool = False,
                  merge_size: Sequence[Sequence[int]] = ((2, 4), (2, 4), (2, 4)),
                  group_type: str = "constant", use_acl: bool = False, pad_type: int = 0,
-                 no_mask: bool = False, adaptive_interval: bool = False, use_cpe: bool = False):
+                 no_mask: bool = False, adaptive_interval: bool = False, use_cpe: bool = False,
+                 global_pool: str = "avg"):
         """``group_type``, ``adaptive_interval``, ``use_cpe``: the CrossFormer++ options (see
         :func:`block_group_sizes`, :class:`CrossFormerBlock`, :class:`RowConvPositionEncoding`);
         group sizes and CPE are set for ``img_size``, intervals follow the map at run time."""
@@ -364,10 +486,15 @@ class CrossFormer(nn.Module):
             raise ValueError(f"merge_size needs {num_stages - 1} kernel lists, got {list(merge_size)}")
         if pad_type not in (0, 1):
             raise ValueError(f"pad_type must be 0 or 1, got {pad_type}")
+        _check_global_pool(global_pool)
         mlp_ratios = [mlp_ratio] * num_stages if isinstance(mlp_ratio, (int, float)) else list(mlp_ratio)
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         self.num_classes = num_classes
-        self.num_features = embed_dim * 2 ** (num_stages - 1)
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = embed_dim * 2 ** (num_stages - 1)
+        self.output_fmt = "NHWC"  # of forward_features; forward_intermediates gives NCHW
+        self.feature_info = [dict(num_chs=embed_dim * 2 ** i, reduction=patch_size[0] * 2 ** i, module=f"layers.{i}")
+                             for i in range(num_stages)]
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, patch_norm)
         self.absolute_pos_embed = None
@@ -376,7 +503,7 @@ class CrossFormer(nn.Module):
             self.absolute_pos_embed = nn.Parameter(torch.zeros(1, math.prod(self.pos_embed_grid), embed_dim))
             trunc_normal_(self.absolute_pos_embed, std=0.02)
         self.pos_drop = nn.Dropout(drop_rate)
-        drop_paths = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        drop_paths = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # also under meta
         # The official code counts the first stage's resolution as image height // patch stride.
         resolution = self.img_size[0] // patch_size[0]
         self.group_sizes = block_group_sizes(group_type, group_size, depths, resolution)
@@ -405,34 +532,24 @@ class CrossFormer(nn.Module):
     # ------------------------------------------------------------------ sizes
     def stage_sizes(self, H: int, W: int) -> list[tuple[int, int]]:
         """Map size ``(h, w)`` of every stage for an ``H x W`` input; ValueError if too small."""
-        sizes = self._unchecked_stage_sizes(H, W)
-        if min(min(size) for size in sizes) < 1:
-            smallest = next(s for s in range(1, 4096) if min(self._unchecked_stage_sizes(s, s)[-1]) >= 1)
-            raise ValueError(f"input {H}x{W} is too small for this model: its last stage would have "
-                             f"{sizes[-1][0]}x{sizes[-1][1]} embeddings; use at least {smallest}x{smallest}")
-        return sizes
+        return checked_stage_sizes(H, W, *self._kernel_sizes())
 
-    def _unchecked_stage_sizes(self, H: int, W: int) -> list[tuple[int, int]]:
-        kernels, stride = self.patch_embed.patch_size, self.patch_embed.patch_size[0]
-        sizes = [(conv_output_size(H, kernels, stride), conv_output_size(W, kernels, stride))]
-        for layer in self.layers[:-1]:
-            sizes.append(tuple(conv_output_size(s, layer.downsample.kernel_sizes, 2) for s in sizes[-1]))
-        return sizes
+    def _kernel_sizes(self) -> tuple[list[int], list[list[int]]]:
+        """Kernel sizes of the patch embedding and of each patch merging."""
+        return self.patch_embed.patch_size, [layer.downsample.kernel_sizes for layer in self.layers[:-1]]
 
     # ------------------------------------------------------------------ forward
     def _embed(self, x: Tensor) -> Tensor:
-        self.stage_sizes(x.shape[-2], x.shape[-1])
+        if torch.jit.is_tracing():
+            raise RuntimeError("CrossFormer cannot be traced by torch.jit.trace (nor exported by the TorchScript-based "
+                               "torch.onnx.export): the trace would freeze the padding and grouping of the traced "
+                               "size and give wrong outputs at other sizes. Use torch.export.export or "
+                               "torch.onnx.export(..., dynamo=True)")
+        check_input_size(x, *self._kernel_sizes())
         x = self.patch_embed(x)
         if self.absolute_pos_embed is not None:
-            x = x + self._resized_pos_embed(x.shape[1], x.shape[2])
+            x = x + resized_pos_embed(self.absolute_pos_embed, self.pos_embed_grid, x.shape[1], x.shape[2])
         return self.pos_drop(x)
-
-    def _resized_pos_embed(self, h: int, w: int) -> Tensor:
-        pos = self.absolute_pos_embed.view(1, *self.pos_embed_grid, -1)
-        if (h, w) != self.pos_embed_grid:
-            pos = F.interpolate(pos.permute(0, 3, 1, 2), size=(h, w), mode="bicubic",
-                                align_corners=False).permute(0, 2, 3, 1)
-        return pos
 
     def forward_features(self, x: Tensor) -> Tensor:
         """``(B, 3, H, W)`` image -> ``(B, h, w, num_features)`` normalised last-stage map."""
@@ -469,7 +586,10 @@ class CrossFormer(nn.Module):
         return self.norm(x), intermediates
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = x.mean(dim=(1, 2))
+        """``(B, h, w, C)`` features -> logits; ``pre_logits``: the pooled features. Without global
+        pooling (``global_pool=''``) the map stays unpooled."""
+        if self.global_pool == "avg":
+            x = x.mean(dim=(1, 2))
         return x if pre_logits else self.head(x)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -484,12 +604,42 @@ class CrossFormer(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"absolute_pos_embed"}
 
-    def no_weight_decay_keywords(self) -> set[str]:
-        return {"relative_position_bias_table"}
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups from input to output, for timm's layer-wise LR decay: the patch
+        embedding, each stage (or each block and merging layer), the final norm."""
+        if coarse:
+            return dict(stem=r"^patch_embed|^absolute_pos_embed", blocks=r"^layers\.(\d+)")
+        return dict(stem=r"^patch_embed|^absolute_pos_embed",
+                    blocks=[(r"^layers\.(\d+)\.blocks\.(\d+)", None),
+                            (r"^layers\.(\d+)\.downsample", (99998,)),
+                            (r"^norm", (99999,))])
 
-    def reset_classifier(self, num_classes: int) -> None:
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """New (randomly initialised) head for ``num_classes`` (0: none); ``global_pool``: 'avg' or ''."""
+        if global_pool is not None:
+            _check_global_pool(global_pool)
+            self.global_pool = global_pool
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the stages (and norm, head) that the maps of ``indices`` do not need; returns the
+        kept indices, as :meth:`forward_intermediates` takes them."""
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        if max_index < len(self.layers) - 1:
+            self.layers = self.layers[:max_index + 1]
+            self.layers[-1].downsample = None
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+            prune_norm = prune_head = True
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
 
     def flops(self, img_size: int | Sequence[int] | None = None) -> int:
         """Multiply-accumulates of one image at ``img_size`` (default: the configured size),

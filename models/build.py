@@ -1,9 +1,12 @@
 """``build_model(config)`` (PyTorch) and ``build_flax_model(config)`` (Flax): the model named by
-MODEL.TYPE, with the MODEL.CROS settings."""
+MODEL.TYPE: ``cross-scale`` (CrossFormer, with the MODEL.CROS settings) or, in PyTorch, ``timm``
+(any timm model, MODEL.TIMM.NAME)."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import timm
+from torch import nn
 from yacs.config import CfgNode
 
 from config import UserError
@@ -48,19 +51,30 @@ def _cross_scale(config: CfgNode) -> CrossFormer:
     return CrossFormer(**cross_scale_kwargs(config))
 
 
-MODEL_TYPES = {"cross-scale": _cross_scale}
+def _timm(config: CfgNode) -> nn.Module:
+    name = config.MODEL.TIMM.NAME
+    if not timm.is_model(name):
+        raise UserError(f"MODEL.TIMM.NAME: unknown timm model {name!r}")
+    # models built for one input size (CrossViT, Swin) are built for DATA.IMG_SIZE
+    extra = dict(img_size=config.DATA.IMG_SIZE) if timm.get_pretrained_cfg_value(name, "fixed_input_size") else {}
+    return timm.create_model(name, pretrained=False, num_classes=config.MODEL.NUM_CLASSES,
+                             in_chans=config.MODEL.CROS.IN_CHANS, drop_rate=config.MODEL.DROP_RATE,
+                             drop_path_rate=config.MODEL.DROP_PATH_RATE, **extra)
 
 
-def build_model(config: CfgNode) -> CrossFormer:
+MODEL_TYPES = {"cross-scale": _cross_scale, "timm": _timm}
+
+
+def build_model(config: CfgNode) -> nn.Module:
     """Build the model of ``config``; bad settings raise :class:`config.UserError`."""
     if config.MODEL.TYPE not in MODEL_TYPES:
         raise UserError(f"unknown MODEL.TYPE {config.MODEL.TYPE!r}; known types: {', '.join(MODEL_TYPES)}")
     try:
         model = MODEL_TYPES[config.MODEL.TYPE](config)
-        model.stage_sizes(config.DATA.IMG_SIZE, config.DATA.IMG_SIZE)
-    except ValueError as err:
+        if isinstance(model, CrossFormer):
+            model.stage_sizes(config.DATA.IMG_SIZE, config.DATA.IMG_SIZE)
+    except (ValueError, TypeError, AssertionError) as err:
         raise UserError(f"model {config.MODEL.NAME}: {err}") from err
-    return model
     return model
 
 
@@ -71,8 +85,8 @@ def build_flax_model(config: CfgNode, state_dict: dict | None = None, seed: int 
 
     from crossformer.flax import CrossFormer as FlaxCrossFormer, from_torch
 
-    if config.MODEL.TYPE not in MODEL_TYPES:
-        raise UserError(f"unknown MODEL.TYPE {config.MODEL.TYPE!r}; known types: {', '.join(MODEL_TYPES)}")
+    if config.MODEL.TYPE != "cross-scale":
+        raise UserError(f"MODEL.TYPE {config.MODEL.TYPE!r}: the Flax port builds only 'cross-scale' (CrossFormer)")
     kwargs = cross_scale_kwargs(config)
     try:
         if state_dict is not None:

@@ -9,7 +9,8 @@ from yacs.config import CfgNode
 
 from config import UserError, get_default_config, load_config
 from models import CrossFormer, build_model
-from crossformer.model import Attention, CrossFormerBlock, group_embeddings, ungroup_embeddings
+from crossformer.model import (Attention, CrossFormerBlock, GroupLayout, group_embeddings, group_index,
+                               ungroup_embeddings, ungroup_index)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -115,12 +116,26 @@ def test_sdpa_equals_explicit_softmax_attention(masked):
 def test_grouping_round_trip_and_lda_members_are_interval_apart():
     x = torch.arange(32 * 32).float().view(1, 32, 32, 1)
     for group, interval in [(4, 1), (4, 4), (2, 8)]:
-        groups = group_embeddings(x, group, interval)
+        layout = GroupLayout(group, interval, 0, 0, 0, 0)
+        groups = group_embeddings(x, group_index(32, 32, layout, x.device), group)
         assert groups.shape == (1, 32 * 32 // group ** 2, group * group, 1)
-        torch.testing.assert_close(ungroup_embeddings(groups, group, interval, 32, 32), x)
+        torch.testing.assert_close(ungroup_embeddings(groups, ungroup_index(32, 32, layout, x.device)), x)
         first = groups[0, 1, :, 0].long()  # second group of the first region
         rows, cols = first // 32, first % 32
         assert set(rows.diff().tolist()) <= {0, interval} and set(cols.unique().diff().tolist()) == {interval}
+
+
+def test_padded_grouping_round_trip_and_padding_is_zero():
+    x = torch.randn(2, 17, 18, 3)
+    for pad_type in (0, 1):
+        block = CrossFormerBlock(dim=8, num_heads=1, group_size=4, interval=2, use_lda=True, pad_type=pad_type)
+        layout = block.layout(17, 18)
+        index = group_index(17, 18, layout, x.device)
+        groups = group_embeddings(x, index, 4)
+        assert groups.shape == (2, 3 * 3 * 4, 16, 3)  # padded to 24x24: 3x3 regions of 2x2 groups
+        padded = (index == 17 * 18).view(-1, 16)
+        assert int(padded.sum()) == 24 * 24 - 17 * 18 and (groups[:, padded] == 0).all()
+        torch.testing.assert_close(ungroup_embeddings(groups, ungroup_index(17, 18, layout, x.device)), x)
 
 
 def test_gradient_checkpointing_gives_same_loss_and_gradients():
@@ -159,9 +174,8 @@ def test_fully_padded_groups_give_no_nan_forward_or_backward():
     torch.manual_seed(0)
     block = CrossFormerBlock(dim=16, num_heads=2, group_size=4, interval=4, use_lda=True).train()
     x = torch.randn(2, 17, 18, 16, requires_grad=True)  # padded to 32x32: some groups hold only padding
-    padded = torch.ones(1, 32, 32, 1, dtype=torch.bool)
-    padded[:, :17, :18] = False
-    assert group_embeddings(padded, 4, 4)[0, :, :, 0].all(dim=1).any()
+    padded = group_index(17, 18, block.layout(17, 18), x.device).view(-1, 16) == 17 * 18
+    assert padded.all(dim=1).any()
     out = block(x)
     out.square().sum().backward()
     assert out.shape == x.shape and torch.isfinite(out).all()

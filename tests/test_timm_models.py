@@ -1,0 +1,291 @@
+"""CrossFormer elsewhere: timm registration and interface (mirroring timm's own model tests on a
+tiny config), features_only, FX, torch.export / ONNX at several sizes, checkpoints through timm's
+loader, torch.hub, segmentation_models_pytorch encoders, and timm models in main.py."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from timm.optim import param_groups_layer_decay
+
+import timm
+import crossformer
+from crossformer.timm_models import MODELS
+from test_train import accuracies, check_ok, load_ckpt, run_main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NAMES = sorted(MODELS)
+TINY = dict(embed_dim=16, depths=(1, 1, 2, 2), num_heads=(1, 2, 2, 4))  # architecture overrides
+SIZES = ((224, 224), (256, 256), (288, 320))  # stage-4 maps 7x7 (one group), 8x8 (padded), 9x10
+with open(os.path.join(ROOT, "tests", "fixtures", "official_models.json")) as f:
+    OFFICIAL = json.load(f)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(name: str = "crossformer_pp_small_patch4_group_const_224", **kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(name, **TINY, **kwargs)
+
+
+# ----------------------------------------------------------------------------- registration, cfgs
+@pytest.mark.parametrize("name", NAMES)
+def test_registered_with_official_shapes_and_default_cfg(name):
+    official = "crossformer_pp/" if name.startswith("crossformer_pp_") else "crossformer/"
+    official += name.removeprefix("crossformer_pp_").removeprefix("crossformer_")
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert shapes == {k: s for k, s, kind in OFFICIAL[official]["state_dict"] if kind == "param"}
+    cfg = model.pretrained_cfg
+    assert cfg["input_size"] == (3, 224, 224) and cfg["crop_pct"] == 0.875 and cfg["interpolation"] == "bicubic"
+    assert cfg["classifier"] == "head" and "head.weight" in shapes
+    assert all(f"{conv}.weight" in shapes for conv in cfg["first_conv"])
+    assert f"top-1 {MODELS[name][2]}" in cfg["notes"][0]
+    assert model.num_features == model.head_hidden_size == shapes["norm.weight"][0]
+    assert [i["reduction"] for i in model.feature_info] == [4, 8, 16, 32]
+
+
+def test_pretrained_without_a_file_is_an_error():
+    with pytest.raises(ValueError, match="pretrained_cfg_overlay=dict\\(file=path\\)"):
+        timm.create_model(NAMES[0], pretrained=True)
+
+
+# ----------------------------------------------------------------------------- the timm interface
+def test_forward_backward_head_and_pooling_interface():
+    model = tiny(num_classes=42).train()
+    x = torch.randn(2, 3, 96, 128)
+    out = model(x)
+    out.mean().backward()
+    assert out.shape == (2, 42) and all(p.grad is not None for p in model.parameters())
+    model.eval()
+    with torch.no_grad():
+        features = model.forward_features(x)  # NHWC, as model.output_fmt says
+        assert model.output_fmt == "NHWC" and features.shape == (2, 3, 4, model.num_features)
+        pre = model.forward_head(features, pre_logits=True)
+        assert pre.shape == (2, model.head_hidden_size)
+        model.reset_classifier(0)
+        torch.testing.assert_close(model(x), pre)
+        model.reset_classifier(0, "")
+        assert model(x).shape == features.shape
+        model.reset_classifier(5, "avg")
+        assert model(x).shape == (2, 5) and model.get_classifier().out_features == 5
+    with pytest.raises(ValueError, match="global_pool"):
+        model.reset_classifier(5, "max")
+
+
+def test_forward_intermediates_features_only_and_pruning():
+    model = tiny().eval()
+    x = torch.randn(1, 3, 100, 140)  # not a multiple of any group: padded everywhere
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x)
+        torch.testing.assert_close(final, model.forward_features(x))
+        for info, feature in zip(model.feature_info, maps):
+            r = info["reduction"]
+            assert feature.shape[1] == info["num_chs"]
+            assert feature.shape[2] <= math.ceil(100 / r) + 1 and feature.shape[3] <= math.ceil(140 / r) + 1
+        features = timm.create_model("crossformer_pp_small_patch4_group_const_224", features_only=True,
+                                     out_indices=(1, 3), **TINY).eval()
+        features.model.load_state_dict(model.state_dict(), strict=False)  # pruned: no norm, no head
+        outs = features(x)
+        assert features.feature_info.channels() == [32, 128]
+        torch.testing.assert_close(outs[0], maps[1])
+        torch.testing.assert_close(outs[1], maps[3])
+        kept = model.prune_intermediate_layers((0, 1))
+        assert kept == [0, 1] and len(model.layers) == 2
+        torch.testing.assert_close(model.forward_intermediates(x, intermediates_only=True)[1], maps[1])
+
+
+def test_grad_checkpointing_and_layer_decay_groups():
+    model = tiny().eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        plain = model(x)
+        model.set_grad_checkpointing()
+        torch.testing.assert_close(model(x), plain)
+    groups = param_groups_layer_decay(model, weight_decay=0.05, layer_decay=0.5)
+    assert len({g["lr_scale"] for g in groups}) == sum(TINY["depths"]) + 3 + 2  # stem, blocks, mergings, norm+head
+
+    def scale(param):
+        return next(g["lr_scale"] for g in groups if any(p is param for p in g["params"]))
+    assert scale(model.head.weight) == 1.0 and scale(model.patch_embed.projs[0].weight) == min(
+        g["lr_scale"] for g in groups)
+    assert scale(model.layers[0].blocks[0].attn.qkv.weight) < scale(model.layers[0].downsample.norm.weight) \
+        < scale(model.layers[1].blocks[0].attn.qkv.weight)
+    assert model.no_weight_decay() == {"absolute_pos_embed"} and not hasattr(model, "no_weight_decay_keywords")
+
+
+# ----------------------------------------------------------------------------- tracing and export
+def test_fx_and_feature_extractors_follow_the_input_size():
+    from torchvision.models.feature_extraction import create_feature_extractor
+    model = tiny().eval()
+    graph = torch.fx.symbolic_trace(model)
+    extractor = create_feature_extractor(model, {"layers.2.blocks.1": "stage3", "head": "logits"})
+    with torch.no_grad():
+        for size in SIZES[:2] + ((96, 160),):
+            x = torch.randn(1, 3, *size)
+            logits, maps = model(x), model.forward_intermediates(x, intermediates_only=True)
+            assert torch.equal(graph(x), logits) and torch.equal(extractor(x)["logits"], logits)
+            torch.testing.assert_close(extractor(x)["stage3"].permute(0, 3, 1, 2), maps[2])
+
+
+def test_fx_backward():
+    graph = torch.fx.symbolic_trace(tiny(num_classes=7).train())
+    out = graph(torch.randn(2, 3, 64, 96))
+    out.mean().backward()
+    assert out.shape == (2, 7) and all(p.grad is not None for p in graph.parameters())
+
+
+def test_jit_trace_and_torchscript_onnx_exporter_refuse():
+    model = tiny().eval()
+    with pytest.raises(RuntimeError, match="cannot be traced by torch.jit.trace"):
+        torch.jit.trace(model, torch.randn(1, 3, 64, 64))
+    with pytest.raises(Exception, match="cannot be traced by torch.jit.trace"):
+        torch.onnx.export(model, (torch.randn(1, 3, 64, 64),), os.devnull, dynamo=False)
+
+
+def test_exported_program_matches_eager_at_every_size_then_eager_still_right():
+    model = tiny("crossformer_tiny_patch4_group7_224").eval()
+    inputs = [torch.randn(1, 3, *size) for size in SIZES]
+    with torch.no_grad():
+        expected = [model(x) for x in inputs]
+    program = crossformer.export_program(model, inputs[0])
+    for x, logits in zip(inputs, expected):
+        torch.testing.assert_close(program.module()(x), logits, rtol=0, atol=1e-4)
+    with pytest.raises(Exception, match="224"):
+        program.module()(torch.randn(1, 3, 160, 160))  # below the exported range: refused
+    with torch.no_grad():
+        for x, logits in zip(inputs, expected):
+            out = model(x)
+            assert type(out) is torch.Tensor and torch.equal(out, logits)
+
+
+@pytest.mark.slow
+def test_onnx_export_runs_in_onnxruntime_with_eager_logits(tmp_path):
+    import onnxruntime
+    model = tiny("crossformer_tiny_patch4_group7_224").eval()
+    inputs = [torch.randn(1, 3, *size) for size in SIZES]
+    program = crossformer.export_program(model, inputs[0])
+    path = str(tmp_path / "crossformer.onnx")
+    torch.onnx.export(program, (inputs[0],), path, dynamo=True)
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        for x in inputs:
+            out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+            torch.testing.assert_close(torch.from_numpy(out), model(x), rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_compile_dynamic_does_not_recompile_per_size():
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny("crossformer_tiny_patch4_group7_224").eval()
+    compiled = torch.compile(model, dynamic=True, backend="eager")
+    graphs = []
+    with torch.no_grad():
+        for size in SIZES + ((320, 256), (352, 384), (416, 480)):
+            x = torch.randn(1, 3, *size)
+            torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=1e-4)
+            graphs.append(counters["stats"]["unique_graphs"])
+    # torch specialises the first graph on the 7x7 single-group stage and square size of 224x224, and
+    # the second on a convolution-size heuristic; after that, new sizes reuse the graph
+    assert graphs[2] <= 3 and graphs[-1] == graphs[2]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def test_official_file_through_timm_loader_equals_our_loader(tmp_path):
+    from utils import load_pretrained
+    model = tiny("crossformer_tiny_patch4_group7_224", num_classes=10).eval()
+    state = dict(model.state_dict())
+    for key in [k for k in state if k.endswith("attn.qkv.weight")]:  # the ICLR index buffers
+        prefix = key.removesuffix("qkv.weight")
+        state[prefix + "relative_position_index"] = torch.zeros(49, 49, dtype=torch.long)
+        state[prefix + "biases"] = torch.zeros(169, 2)
+    official, training = tmp_path / "official.pth", tmp_path / "ckpt_epoch_0.pth"
+    torch.save({"model": state}, official)
+    torch.save({"model": state, "optimizer": {}, "epoch": 0, "config": "MODEL:\n  NAME: x\n"}, training)
+    x = torch.randn(2, 3, 96, 96)
+    ours = tiny("crossformer_tiny_patch4_group7_224", num_classes=10).eval()
+    load_pretrained(ours, str(official))
+    with torch.no_grad():
+        expected = ours(x)
+        for path in (official, training):
+            loaded = timm.create_model("crossformer_tiny_patch4_group7_224", pretrained=True, num_classes=10,
+                                       pretrained_cfg_overlay=dict(file=str(path), num_classes=10), **TINY).eval()
+            torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+        other = timm.create_model("crossformer_tiny_patch4_group7_224", pretrained=True, num_classes=3, in_chans=1,
+                                  pretrained_cfg_overlay=dict(file=str(official), num_classes=10), **TINY).eval()
+        assert other(torch.randn(1, 1, 64, 64)).shape == (1, 3)
+        torch.testing.assert_close(other.layers[0].blocks[0].attn.qkv.weight, ours.layers[0].blocks[0].attn.qkv.weight)
+        torch.testing.assert_close(other.patch_embed.projs[0].weight,
+                                   ours.patch_embed.projs[0].weight.sum(dim=1, keepdim=True))
+
+
+def test_hub_local_source(tmp_path):
+    for name in ("crossformer_small_patch4_group7_224", "crossformer_pp_huge_patch4_group_const_224"):
+        model = torch.hub.load(ROOT, name, source="local", pretrained=False, **TINY)
+        assert model.num_classes == 1000 and model.default_cfg["architecture"] == name
+    with pytest.raises(ValueError, match="file="):
+        torch.hub.load(ROOT, NAMES[0], source="local", pretrained=True)
+    path = tmp_path / "weights.pth"
+    torch.save({"model": model.state_dict()}, path)
+    again = torch.hub.load(ROOT, "crossformer_pp_huge_patch4_group_const_224", source="local", pretrained=True,
+                           file=str(path), **TINY)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
+
+
+# ----------------------------------------------------------------------------- segmentation_models_pytorch
+@pytest.mark.parametrize("architecture", ["UPerNet", "FPN"])
+def test_smp_decoders_on_the_tu_encoder(architecture):
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    model = getattr(smp, architecture)("tu-crossformer_tiny_patch4_group7_224", encoder_weights=None, classes=5).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 256, 320))
+    assert out.shape == (1, 5, 256, 320) and torch.isfinite(out).all()
+
+
+# ----------------------------------------------------------------------------- timm models in main.py
+DIGITS_OPTS = ["DATA.DATASET", "digits", "MODEL.NUM_CLASSES", 10, "DATA.BATCH_SIZE", 64, "TRAIN.EPOCHS", 1,
+               "TRAIN.WARMUP_EPOCHS", 0, "TRAIN.BASE_LR", 1e-3, "AUG.AUTO_AUGMENT", "none", "AUG.MIXUP", 0.0,
+               "AUG.CUTMIX", 0.0, "AUG.REPROB", 0.0, "AUG.COLOR_JITTER", 0.0, "AUG.HFLIP", 0.0,
+               "AMP_OPT_LEVEL", "O0", "PRINT_FREQ", 50]
+
+
+@pytest.mark.parametrize("cfg,opts,run_name", [
+    # CrossViT's second branch sees the image at 224/240 of its size, in 16-pixel patches: 120 -> 112
+    pytest.param("configs/timm/crossvit_9_240.yaml", ["DATA.IMG_SIZE", 120, "MODEL.NAME", "crossvit_digits"],
+                 "crossvit_digits", marks=pytest.mark.slow),
+    ("configs/demo/digits.yaml", ["MODEL.TYPE", "timm", "MODEL.TIMM.NAME", "resnet10t", "MODEL.NAME", "resnet_digits"],
+     "resnet_digits"),
+])
+def test_main_trains_and_evaluates_a_timm_model(cfg, opts, run_name, tmp_path):
+    from data.digits import ensure_digits_folder
+    digits = ensure_digits_folder(str(tmp_path / "digits"))
+    args = ["--cfg", cfg, "--data-path", digits, "--output", tmp_path / "out", "--num_workers", 0]
+    trained = run_main(*args, "--opts", *DIGITS_OPTS, *opts)
+    check_ok(trained)
+    checkpoint = tmp_path / "out" / run_name / "default" / "ckpt_epoch_0.pth"
+    assert "GFLOPs" not in trained.stdout and "parameters" in trained.stdout
+    assert set(load_ckpt(checkpoint)) >= {"model", "optimizer", "epoch"}
+    evaluated = run_main(*args, "--eval", "--resume", checkpoint, "--opts", *DIGITS_OPTS, *opts)
+    check_ok(evaluated)
+    assert accuracies(evaluated.stdout)[-1] == accuracies(trained.stdout)[-1]
+
+
+def test_unknown_timm_name_is_a_user_error():
+    from config import UserError, get_default_config
+    from models import build_model
+    config = get_default_config()
+    config.MODEL.TYPE, config.MODEL.TIMM.NAME = "timm", "no_such_model"
+    with pytest.raises(UserError, match="MODEL.TIMM.NAME: unknown timm model 'no_such_model'"):
+        build_model(config)
