@@ -143,6 +143,8 @@ def bad_input_cases(tmp_path, digits):
     other_model = tmp_path / "other_model.pth"
     other = build_model(load_config(DEMO, ["MODEL.CROS.EMBED_DIM", 64, "MODEL.CROS.NUM_HEADS", [2, 4, 8, 16]]))
     torch.save({"model": other.state_dict()}, other_model)
+    demo_weights = tmp_path / "demo_weights.pth"  # --eval needs weights
+    torch.save({"model": build_model(load_config(DEMO)).state_dict()}, demo_weights)
     images = tmp_path / "images"
     for split in ("train", "val"):
         for label in range(10):
@@ -165,7 +167,7 @@ def bad_input_cases(tmp_path, digits):
         "input too small": (base + ["--opts", "DATA.IMG_SIZE", "16"], "too small"),
         "batch too large": (base + ["--batch-size", "5000"], "5000"),
         "output not writable": (base[:-1] + [str(blocker)], str(blocker)),
-        "unreadable image": (base[:3] + [str(images)] + base[4:] + ["--eval", "--batch-size", "2"] + imagenet,
+        "unreadable image": (base[:3] + [str(images)] + base[4:] + ["--eval", "--pretrained", str(demo_weights), "--batch-size", "2"] + imagenet,
                              f"cannot read image {broken}"),
     }
 
