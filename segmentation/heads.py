@@ -140,7 +140,9 @@ class SegmentationModel(nn.Module):
         return {f"backbone.{name}" for name in self.backbone.no_weight_decay()}
 
     def no_weight_decay_keywords(self) -> set[str]:
-        return set(self.backbone.no_weight_decay_keywords())
+        """The papers' segmentation recipe trains norms and the position bias without weight decay:
+        here the DPB MLPs (norms and biases are left out by optimizer.py anyway)."""
+        return {".attn.pos."}
 
 
 def build_segmentation_model(config: CfgNode) -> SegmentationModel:

@@ -15,6 +15,7 @@ from torch import nn
 
 from config import load_config
 from models import build_model
+from optimizer import split_weight_decay_groups
 from runtime import Precision
 from segmentation import predict as seg_predict
 from segmentation import test as seg_test
@@ -80,6 +81,17 @@ def test_heads_give_logits_at_the_input_size_for_odd_sizes(head):
         outputs = model(torch.randn(1, 3, 37, 53))
     assert list(outputs) == ["out"] and outputs["out"].shape == (1, 4, 37, 53)
     assert torch.isfinite(outputs["out"]).all()
+
+
+def test_norms_and_position_bias_train_without_weight_decay():
+    model = build_segmentation_model(tiny_config("SEG.HEAD", "upernet", "SEG.AUX_WEIGHT", "0.4"))
+    decayed, not_decayed = split_weight_decay_groups(model, 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    free = {names[id(p)] for p in not_decayed["params"]}
+    assert "backbone.layers.0.blocks.0.attn.pos.pos_proj.weight" in free
+    assert "backbone.layers.0.blocks.0.norm1.weight" in free
+    assert "backbone.layers.0.blocks.0.attn.qkv.weight" not in free and not_decayed["weight_decay"] == 0.0
+    assert {names[id(p)] for p in decayed["params"]} == set(names.values()) - free
 
 
 def test_parameter_counts_of_the_paper_configs_within_one_percent():
