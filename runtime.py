@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from yacs.config import CfgNode
 
-from config import UserError
+from config import UserError, get_config
 from utils import DistInfo, init_distributed, load_checkpoint_file, newest_loadable_checkpoint, seed_everything
 
 
@@ -143,6 +143,17 @@ def launch(job: Callable[[], None]) -> int:
             dist.barrier()
         dist.destroy_process_group()
     return code
+
+
+def run_configured(args: argparse.Namespace, main: Callable[..., None], *extra) -> int:
+    """``launch`` the usual job of a training or test script: the config from the parsed ``args``,
+    the run set up, then ``main(config, dist_info, *extra)``; returns the exit code."""
+
+    def job() -> None:
+        config = get_config(args)
+        main(config, setup_run(config), *extra)
+
+    return launch(job)
 
 
 class Precision:

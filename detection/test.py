@@ -15,9 +15,8 @@ import sys
 
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root, not detection/
 
-from config import get_config  # noqa: E402
 from detection.train import main  # noqa: E402
-from runtime import add_common_arguments, launch, setup_run  # noqa: E402
+from runtime import add_common_arguments, run_configured  # noqa: E402
 
 
 def parse_option(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,13 +30,9 @@ def parse_option(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(argv: list[str] | None = None) -> int:
+    """Entry point: returns the exit code; bad input is one line on stderr and exit code 2."""
     args = parse_option(argv)
-
-    def job() -> None:
-        config = get_config(args)
-        main(config, setup_run(config))
-
-    return launch(job)
+    return run_configured(args, main)
 
 
 if __name__ == "__main__":

@@ -23,12 +23,12 @@ from torch.utils.data import DataLoader  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from yacs.config import CfgNode  # noqa: E402
 
-from config import UserError, get_config  # noqa: E402
+from config import UserError  # noqa: E402
 from detection import engine  # noqa: E402
 from detection.model import build_detector  # noqa: E402
 from logger import JsonLinesWriter, create_logger  # noqa: E402
 from optimizer import build_optimizer  # noqa: E402
-from runtime import Precision, add_common_arguments, checkpoint_to_resume, launch, setup_run  # noqa: E402
+from runtime import Precision, add_common_arguments, checkpoint_to_resume, run_configured  # noqa: E402
 from utils import (DistInfo, epoch_seed, load_checkpoint_file, load_weights, model_state,  # noqa: E402
                    save_checkpoint, seed_everything)
 
@@ -129,12 +129,7 @@ def main(config: CfgNode, dist_info: DistInfo) -> None:
 def run(argv: list[str] | None = None) -> int:
     """Entry point: returns the exit code; bad input is one line on stderr and exit code 2."""
     args = parse_option(argv)
-
-    def job() -> None:
-        config = get_config(args)
-        main(config, setup_run(config))
-
-    return launch(job)
+    return run_configured(args, main)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import argparse  # noqa: E402
 
-from config import get_config  # noqa: E402
-from runtime import add_common_arguments, launch, setup_run  # noqa: E402
+from runtime import add_common_arguments, run_configured  # noqa: E402
 from segmentation.train import main  # noqa: E402
 
 
@@ -31,12 +30,7 @@ def parse_option(argv: list[str] | None = None) -> argparse.Namespace:
 def run(argv: list[str] | None = None) -> int:
     """Entry point: returns the exit code; bad input is one line on stderr and exit code 2."""
     args = parse_option(argv)
-
-    def job() -> None:
-        config = get_config(args)
-        main(config, setup_run(config), args.aug_test)
-
-    return launch(job)
+    return run_configured(args, main, args.aug_test)
 
 
 if __name__ == "__main__":
