@@ -20,3 +20,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> str:
+    """The digits image folder, written once per test session (main.py writes it only into an
+    existing folder, and no subprocess then races to create it)."""
+    from data.digits import ensure_digits_folder
+
+    return ensure_digits_folder(str(tmp_path_factory.mktemp("data") / "digits"))

@@ -28,7 +28,6 @@ import predict
 import runtime
 from config import UserError, get_config, load_config
 from data.build import build_transform
-from data.digits import ensure_digits_folder
 from data.images import load_image_file
 from models import build_model
 from utils import load_checkpoint_file, prune_checkpoints
@@ -87,11 +86,6 @@ def one_thread(monkeypatch):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory) -> str:
-    return ensure_digits_folder(str(tmp_path_factory.mktemp("data") / "digits"))
 
 
 @pytest.fixture(scope="module")

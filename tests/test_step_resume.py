@@ -18,7 +18,6 @@ import pytest
 import torch
 
 from config import UserError
-from data.digits import ensure_digits_folder
 from runtime import CheckpointClock, StopSignals
 from utils import load_checkpoint_file, model_state, newest_loadable_checkpoint, remove_step_checkpoints, \
     resume_position, save_checkpoint, step_checkpoints
@@ -34,12 +33,6 @@ OPTIONS = ["SAVE_FREQ", "1", "PRINT_FREQ", "5", "DATA.BATCH_SIZE", "32", "TRAIN.
            "AUG.REPROB", "0.25", "AUG.MIXUP", "0.8", "AUG.CUTMIX", "1.0"]
 EPOCHS = 2
 FINAL = f"ckpt_epoch_{EPOCHS - 1}.pth"
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    """The digits image folder, written once here (main.py writes it only into an existing folder)."""
-    return ensure_digits_folder(str(tmp_path_factory.mktemp("digits") / "digits"))
 
 
 def command(digits_path, output, *extra):
@@ -60,9 +53,9 @@ def assert_bit_identical(path, reference):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(digits, tmp_path_factory):
+def uninterrupted(digits_dir, tmp_path_factory):
     output = tmp_path_factory.mktemp("uninterrupted")
-    result = subprocess.run([sys.executable, *command(digits, output)], cwd=ROOT, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, *command(digits_dir, output)], cwd=ROOT, capture_output=True, text=True,
                             timeout=600, env=environment())
     assert result.returncode == 0, result.stderr[-3000:]
     return output.joinpath(*RUN_DIR)
@@ -139,12 +132,12 @@ def wait_for_resume_line(run, position):
         time.sleep(0.05)
 
 
-def test_signals_and_sigkill_inside_epochs_end_bit_identical(digits, uninterrupted, tmp_path):
+def test_signals_and_sigkill_inside_epochs_end_bit_identical(digits_dir, uninterrupted, tmp_path):
     """Ctrl-C (SIGINT to the process group), SIGKILL, SIGTERM, SIGUSR1 and another SIGKILL at
     moments inside both epochs, each followed by a relaunch: every relaunch continues from the
     newest state, inside the epoch, and the run ends with the uninterrupted weights and EMA."""
     run_dir = tmp_path.joinpath(*RUN_DIR)
-    args = [sys.executable, *command(digits, tmp_path)]
+    args = [sys.executable, *command(digits_dir, tmp_path)]
     rng = random.Random(os.getpid())
     position, resumed = None, []
     for stop_signal, epoch in [(signal.SIGINT, 0), (signal.SIGKILL, 0), (signal.SIGTERM, 1), (signal.SIGUSR1, 1),
@@ -261,16 +254,16 @@ def worker_of_rank(launcher_pid, rank):
 
 
 @pytest.mark.slow  # about a minute on an idle 2-core machine: four torchrun launches of 2 ranks
-def test_two_ranks_sigkill_and_sigterm_to_one_rank_end_bit_identical(digits, tmp_path):
+def test_two_ranks_sigkill_and_sigterm_to_one_rank_end_bit_identical(digits_dir, tmp_path):
     """torchrun with 2 gloo ranks: SIGKILL of the whole job inside epoch 0, relaunch, then SIGTERM
     to rank 1 alone inside epoch 1: both ranks stop at the same step, rank 0 saves, exit 0; the
     relaunch ends with the uninterrupted 2-rank run's weights and EMA."""
     reference_dir = tmp_path / "uninterrupted"
-    result = subprocess.run(torchrun(digits, reference_dir), cwd=ROOT, capture_output=True, text=True, timeout=600,
+    result = subprocess.run(torchrun(digits_dir, reference_dir), cwd=ROOT, capture_output=True, text=True, timeout=600,
                             env=environment())
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path.joinpath("interrupted", *RUN_DIR)
-    args = torchrun(digits, tmp_path / "interrupted")
+    args = torchrun(digits_dir, tmp_path / "interrupted")
 
     run = Run(args, run_dir)
     run.wait_for_step_checkpoint(0)
@@ -298,9 +291,9 @@ def test_two_ranks_sigkill_and_sigterm_to_one_rank_end_bit_identical(digits, tmp
     assert_bit_identical(run_dir / FINAL, reference_dir.joinpath(*RUN_DIR, FINAL))
 
 
-def test_eval_scores_the_ema_weights_with_model_ema_eval(digits, uninterrupted, tmp_path):
+def test_eval_scores_the_ema_weights_with_model_ema_eval(digits_dir, uninterrupted, tmp_path):
     final = uninterrupted / FINAL
-    result = subprocess.run([sys.executable, "main.py", "--cfg", DEMO, "--data-path", digits, "--output", str(tmp_path),
+    result = subprocess.run([sys.executable, "main.py", "--cfg", DEMO, "--data-path", digits_dir, "--output", str(tmp_path),
                              "--eval", "--resume", str(final), "--opts", "MODEL_EMA_EVAL", "True"],
                             cwd=ROOT, capture_output=True, text=True, timeout=600, env=environment())
     assert result.returncode == 0, result.stderr[-3000:]
@@ -318,13 +311,13 @@ def test_checkpoint_without_ema_weights_is_named(tmp_path):
         model_state(load_checkpoint_file(str(path)), str(path), "model_ema")
 
 
-def test_step_checkpoint_of_another_batch_size_is_refused(digits, uninterrupted, tmp_path):
+def test_step_checkpoint_of_another_batch_size_is_refused(digits_dir, uninterrupted, tmp_path):
     run_dir = tmp_path.joinpath(*RUN_DIR)
     run_dir.mkdir(parents=True)
     checkpoint = load_checkpoint_file(str(uninterrupted / "ckpt_epoch_0.pth"))
     step_file = run_dir / "ckpt_epoch_1_step_6.pth"
     save_checkpoint({**checkpoint, "epoch": 1, "step": 6, "world_size": 1, "batch_size": 32}, str(step_file))
-    result = subprocess.run([sys.executable, *command(digits, tmp_path, "DATA.BATCH_SIZE", "16")], cwd=ROOT,
+    result = subprocess.run([sys.executable, *command(digits_dir, tmp_path, "DATA.BATCH_SIZE", "16")], cwd=ROOT,
                             capture_output=True, text=True, timeout=600, env=environment())
     assert result.returncode == 2
     assert "Traceback" not in result.stderr  # (timm may warn about the schedule before the error)

@@ -30,7 +30,6 @@ import main
 import runtime
 from config import load_config
 from data.build import build_mixup
-from data.digits import ensure_digits_folder
 from lr_scheduler import build_scheduler
 from models import build_model
 from optimizer import build_optimizer
@@ -99,12 +98,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory) -> str:
-    """The digits image folder, written once here so no subprocess races to create it."""
-    return ensure_digits_folder(str(tmp_path_factory.mktemp("data") / "digits"))
 
 
 @pytest.fixture(scope="module")
