@@ -31,7 +31,7 @@ SAVED_STEP = re.compile(r"ckpt_epoch_(\d+)_step_(\d+)\.pth saved")
 OPTIONS = ["SAVE_FREQ", "1", "PRINT_FREQ", "5", "DATA.BATCH_SIZE", "32", "TRAIN.CHECKPOINT_MINUTES", "0.01",
            "MODEL_EMA", "True", "MODEL_EMA_DECAY", "0.9", "AUG.AUTO_AUGMENT", "rand-m9-mstd0.5",
            "AUG.REPROB", "0.25", "AUG.MIXUP", "0.8", "AUG.CUTMIX", "1.0"]
-EPOCHS = 2
+EPOCHS = 3  # stops land in epochs 0 and 1; epoch 2 leaves room for a step checkpoint after the last one
 FINAL = f"ckpt_epoch_{EPOCHS - 1}.pth"
 
 
@@ -157,7 +157,7 @@ def test_signals_and_sigkill_inside_epochs_end_bit_identical(digits_dir, uninter
     run = Run(args, run_dir)
     wait_for_resume_line(run, position)
     run.finish()
-    assert {epoch for epoch, step in resumed if step > 0} == {0, 1}, resumed  # inside both epochs
+    assert {epoch for epoch, step in resumed if step > 0} >= {0, 1}, resumed  # inside both epochs
     assert_bit_identical(run_dir / FINAL, uninterrupted / FINAL)
     assert step_checkpoints(str(run_dir)) == []  # the final epoch checkpoint made them obsolete
     log = (run_dir / "log_rank0.txt").read_text()
