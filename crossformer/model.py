@@ -10,8 +10,10 @@ The map is zero-padded to a multiple of the region size; padded embeddings are m
 and cut off afterwards. A block whose map is no larger than ``G`` attends over the whole map (SDA
 with ``G = min(H, W)``). At the configured image size this reproduces the official models exactly.
 
-Tracing and export: the tensors derived from the input size (DPB offsets and index, padding masks)
-are computed in every forward by the small functions below, not cached. They are leaves for FX
+Tracing and export: the tensors derived from the input size (DPB offsets and index, grouping
+indices, padding masks) come from the small functions below. Eager calls keep them per size (and
+the DPB bias, in evaluation without gradients, per weights: see ``Attention.position_bias``);
+traced and compiled code computes them in its graph. They are leaves for FX
 (``torch.fx.wrap`` and timm's ``register_notrace_function``), so ``symbolic_trace`` and feature
 extractors evaluate them at call time, and plain Python on symbolic sizes for ``torch.export`` /
 ``torch.compile``: an export with dynamic height and width follows the padding at every size and
@@ -20,8 +22,9 @@ the TorchScript-based ONNX exporter would freeze those choices silently, so they
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +38,8 @@ from crossformer.grouping import block_group_sizes
 # Score given to padded keys. Finite, so a group made only of padding yields a uniform softmax
 # (its outputs are cut off) instead of NaN; small enough for float16.
 PADDED_KEY_SCORE = -1e4
+
+T = TypeVar("T")
 
 
 def cross_scale_channels(out_dim: int, num_kernels: int) -> list[int]:
@@ -95,6 +100,28 @@ def resized_pos_embed(pos_embed: Tensor, grid: tuple[int, int], h: int, w: int) 
     return F.interpolate(pos.permute(0, 3, 1, 2), size=(h, w), mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
 
 
+def strided_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """``conv(x)`` for an unpadded-mode, ungrouped convolution with a square stride. When training
+    eagerly on a CPU with a kernel at least four times the stride (the 16x16 and 32x32 kernels of
+    the patch embedding), the same sum is computed as a stride-1 convolution over the space-to-depth
+    input: oneDNN's weight gradient of the strided form is 3 to 5 times slower. Tracing, export and
+    compile get the plain form."""
+    stride, kernel = conv.stride[0], conv.kernel_size[0]
+    if isinstance(x, torch.fx.Proxy) or torch.compiler.is_compiling() or not (
+            conv.training and x.device.type == "cpu" and torch.is_grad_enabled() and conv.weight.requires_grad
+            and kernel >= 4 * stride and kernel % stride == 0):
+        return conv(x)
+    pad = conv.padding[0]
+    out_h = (x.shape[-2] + 2 * pad - kernel) // stride + 1
+    out_w = (x.shape[-1] + 2 * pad - kernel) // stride + 1
+    # pad, keep the rows/columns the kernel reaches, and fold each stride x stride cell into channels
+    x = F.pad(x, (pad, pad, pad, pad))[..., :(out_h - 1) * stride + kernel, :(out_w - 1) * stride + kernel]
+    x = F.pixel_unshuffle(x, stride)  # channel c * stride**2 + i * stride + j holds pixel (i, j) of a cell
+    out_chans, in_chans, cells = conv.out_channels, conv.in_channels, kernel // stride
+    weight = conv.weight.view(out_chans, in_chans, cells, stride, cells, stride).permute(0, 1, 3, 5, 2, 4)
+    return F.conv2d(x, weight.reshape(out_chans, in_chans * stride * stride, cells, cells), conv.bias)
+
+
 class PatchEmbed(nn.Module):
     """Cross-scale embedding of the image: ``(B, 3, H, W)`` -> ``(B, H/s, W/s, C)``."""
 
@@ -105,7 +132,7 @@ class PatchEmbed(nn.Module):
         self.norm = nn.LayerNorm(embed_dim) if patch_norm else None
 
     def forward(self, x: Tensor) -> Tensor:
-        x = torch.cat([proj(x) for proj in self.projs], dim=1).permute(0, 2, 3, 1)
+        x = torch.cat([strided_conv(proj, x) for proj in self.projs], dim=1).permute(0, 2, 3, 1)
         return self.norm(x) if self.norm is not None else x
 
 
@@ -121,6 +148,21 @@ class PatchMerging(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.norm(x).permute(0, 3, 1, 2)
         return torch.cat([reduce(x) for reduce in self.reductions], dim=1).permute(0, 2, 3, 1)
+
+
+def kept_per_size(make: Callable[..., T]) -> Callable[..., T]:
+    """``make`` (tensors that follow from sizes and a device alone) kept per argument tuple in eager
+    calls, made outside inference mode so that a training step may use them too. Traced, exported
+    and compiled code computes them in its graph."""
+    kept = functools.lru_cache(maxsize=256)(make)
+
+    @functools.wraps(make)
+    def make_or_reuse(*args):
+        if torch.compiler.is_compiling():
+            return make(*args)
+        with torch.inference_mode(False):
+            return kept(*args)
+    return make_or_reuse
 
 
 class GroupLayout(NamedTuple):
@@ -155,6 +197,7 @@ def group_layout(H: int, W: int, group_size: int, interval: int, pad_type: int) 
 
 @register_notrace_function
 @torch.fx.wrap
+@kept_per_size
 def relative_offsets(group: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """All relative offsets ``(dy, dx)`` inside a ``group x group`` grid, as a float table of
     ``(2*group - 1)**2`` rows, and for each (query, key) pair the row of its offset."""
@@ -216,14 +259,16 @@ def ungroup_index(H: int, W: int, layout: GroupLayout, device: torch.device) -> 
 
 def group_embeddings(x: Tensor, index: Tensor, group: int) -> Tensor:
     """``(B, H, W, C)`` -> ``(B, num_groups, group**2, C)`` by a :func:`group_index`; padding is zeros.
-    A gather rather than pad + view + permute: no view of a padded size that export must reason about."""
+    A gather rather than pad + view + permute: no view of a padded size that export must reason about.
+    ``index_select`` rather than indexing: its gradient is an ``index_add``, several times faster on a
+    CPU than the accumulating ``index_put`` that indexing backpropagates through."""
     x = F.pad(x.flatten(1, 2), (0, 0, 0, 1))
-    return x[:, index].unflatten(1, (-1, group * group))
+    return x.index_select(1, index).unflatten(1, (-1, group * group))
 
 
 def ungroup_embeddings(x: Tensor, index: Tensor) -> Tensor:
     """``(B, num_groups, group**2, C)`` -> ``(B, H, W, C)`` by an :func:`ungroup_index` (padding dropped)."""
-    return x.flatten(1, 2)[:, index]
+    return x.flatten(1, 2).index_select(1, index.flatten()).unflatten(1, index.shape)
 
 
 @register_notrace_function
@@ -235,6 +280,22 @@ def padding_mask(index: Tensor, H: int, W: int, layout: GroupLayout) -> Tensor |
     if not torch.compiler.is_compiling() and all(isinstance(pad, int) and pad == 0 for pad in layout[2:]):
         return None
     return (index == H * W).unflatten(0, (-1, layout.group * layout.group))
+
+
+@register_notrace_function
+@torch.fx.wrap
+@kept_per_size
+def grouping_tensors(H: int, W: int, layout: GroupLayout, device: torch.device,
+                     masked: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(:func:`group_index`, :func:`padding_mask` or None unless ``masked``, :func:`ungroup_index`)
+    of a block for an ``H x W`` map."""
+    index = group_index(H, W, layout, device)
+    return index, padding_mask(index, H, W, layout) if masked else None, ungroup_index(H, W, layout, device)
+
+
+def unpack3(triple: tuple) -> tuple:
+    """The three items of a tuple, also when FX traces it as one value (unpacking it would iterate)."""
+    return triple[0], triple[1], triple[2]
 
 
 @register_notrace_function
@@ -310,6 +371,7 @@ class Attention(nn.Module):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        self._kept_bias: tuple[tuple, Tensor] | None = None  # see position_bias
         self._register_load_state_dict_pre_hook(self._drop_derivable_buffers)
 
     @staticmethod
@@ -319,9 +381,28 @@ class Attention(nn.Module):
             state_dict.pop(prefix + name, None)
 
     def position_bias(self, group: int) -> Tensor:
-        """``(num_heads, group**2, group**2)`` bias, from one DPB pass over all offsets."""
+        """``(num_heads, group**2, group**2)`` bias, from one DPB pass over all offsets.
+
+        Without gradients (eval under ``no_grad`` / ``inference_mode``) the bias is kept and reused
+        until the group size, the DPB's dtype or device, or its weights change: an in-place change
+        (optimizer step, ``load_state_dict``, EMA update) bumps the weights' version counters. An
+        edit through ``.data`` bypasses them: call ``model.train()`` afterwards to drop the bias."""
+        weight = self.qkv.weight
+        if torch.is_grad_enabled() or self.training or torch.compiler.is_compiling():
+            return self._position_bias(group)
+        key = (group, weight.dtype, weight.device, tuple(p._version for p in self.pos.parameters()))
+        if self._kept_bias is None or self._kept_bias[0] != key:
+            with torch.inference_mode(False):  # a normal tensor, usable after inference mode ends
+                self._kept_bias = (key, self._position_bias(group))
+        return self._kept_bias[1]
+
+    def _position_bias(self, group: int) -> Tensor:
         table, index = relative_offsets(group, self.qkv.weight.device)
         return self.pos(table.to(self.qkv.weight.dtype))[index].permute(2, 0, 1)
+
+    def train(self, mode: bool = True) -> Attention:
+        self._kept_bias = None
+        return super().train(mode)
 
     def forward(self, x: Tensor, group: int, padded_keys: Tensor | None = None) -> Tensor:
         """``x``: ``(B, num_groups, group**2, C)`` -> same shape."""
@@ -394,13 +475,12 @@ class CrossFormerBlock(nn.Module):
         """``(B, H, W, C)`` -> same shape."""
         B, H, W, C = x.shape
         layout = self.layout(H, W)
-        index = group_index(H, W, layout, x.device)
-        padding = None if self.no_mask else padding_mask(index, H, W, layout)
+        index, padding, inverse = unpack3(grouping_tensors(H, W, layout, x.device, not self.no_mask))
         normed = self.norm1(x)
         if self.cpe is not None:
             normed = normed + self.norm_cpe(self.cpe(normed))
         grouped = self.attn(group_embeddings(normed, index, layout.group), layout.group, padding)
-        x = x + self.drop_path(ungroup_embeddings(grouped, ungroup_index(H, W, layout, x.device)))
+        x = x + self.drop_path(ungroup_embeddings(grouped, inverse))
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         if self.use_acl:
             x = self.ex_ln(self.ex_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))

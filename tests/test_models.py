@@ -10,7 +10,7 @@ from yacs.config import CfgNode
 from config import UserError, get_default_config, load_config
 from models import CrossFormer, build_model
 from crossformer.model import (Attention, CrossFormerBlock, GroupLayout, group_embeddings, group_index,
-                               ungroup_embeddings, ungroup_index)
+                               strided_conv, ungroup_embeddings, ungroup_index)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -153,6 +153,58 @@ def test_gradient_checkpointing_gives_same_loss_and_gradients():
     torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-6)
     for plain, checkpointed in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(plain, checkpointed, rtol=0, atol=1e-6)
+
+
+def autograd_ops(tensor: torch.Tensor) -> set[str]:
+    """The names of the backward nodes that produced ``tensor``."""
+    names, todo = set(), [tensor.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and type(node).__name__ not in names:
+            names.add(type(node).__name__)
+            todo.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("kernel,stride,height,width", [(32, 4, 64, 64), (16, 4, 70, 61), (8, 2, 30, 31)])
+def test_space_to_depth_training_convolution_equals_the_strided_one(kernel, stride, height, width):
+    conv = torch.nn.Conv2d(3, 8, kernel, stride=stride, padding=(kernel - stride) // 2).train()
+    x = torch.randn(2, 3, height, width)
+    out = strided_conv(conv, x)
+    assert ("PermuteBackward0" in autograd_ops(out)) == (kernel >= 4 * stride)  # the rearranged kernel
+    reference = conv(x)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    grad, = torch.autograd.grad(out.square().sum(), conv.weight)
+    expected, = torch.autograd.grad(reference.square().sum(), conv.weight)
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-4)
+    assert "PermuteBackward0" not in autograd_ops(strided_conv(conv.eval(), x))  # eval: the plain one
+
+
+def test_kept_position_bias_follows_weight_changes_and_training_after_inference():
+    torch.manual_seed(0)
+    model, other = small_model().eval(), small_model().eval()
+    x = torch.randn(2, 3, 64, 64)
+
+    def fresh_logits():  # with gradients enabled nothing is kept
+        return model(x).detach()
+    with torch.inference_mode():
+        before = model(x)
+    model.load_state_dict(other.state_dict())
+    with torch.inference_mode():
+        loaded = model(x)
+    assert not torch.allclose(before, loaded)
+    torch.testing.assert_close(loaded, fresh_logits(), rtol=1e-5, atol=1e-6)
+
+    # the grouping tensors kept by inference mode serve a training step; the step changes the DPB
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train()
+    model(x).logsumexp(-1).mean().backward()
+    optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        stepped = model(x)
+    assert not torch.allclose(stepped, loaded)
+    torch.testing.assert_close(stepped, fresh_logits(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("height,width", [(224, 320), (256, 256), (200, 200)])
