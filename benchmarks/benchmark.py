@@ -20,9 +20,9 @@ allocator caches, and compiled code when compiled).
 FLOPs per image are counted with ``torch.utils.flop_counter.FlopCounterMode`` on one forward on the
 meta device, the same way for every model (2 FLOPs per multiply-accumulate). For CrossFormer at
 224 it agrees with 2x ``model.flops()`` (recorded in the JSON too) within 1%; at sizes where groups
-need padding the counter is higher: it counts the padded work the model does. On CUDA, MFU = achieved FLOP/s / peak dense
-bf16 FLOP/s, a training image counting 3x its forward FLOPs; the peak comes from ``--peak-tflops``
-or from the GPU's name.
+need padding the counter is higher: it counts the padded work the model does. On CUDA, MFU =
+achieved FLOP/s / peak dense bf16 FLOP/s (for every precision), a training image counting 3x its
+forward FLOPs; the peak comes from ``--peak-tflops`` or from the GPU's name.
 
 Results go to ``<out>/benchmark-<UTC time>.json`` and ``.csv`` (rewritten after every measurement),
 and a markdown table with the machine description is printed at the end.
@@ -139,8 +139,9 @@ def describe_machine(device: torch.device, threads: int | None, peak: float | No
         "torch": torch.__version__, "timm": timm.__version__, "device": device.type,
     }
     if device.type == "cuda":
-        info.update(gpu=torch.cuda.get_device_name(device), capability=".".join(map(str, torch.cuda.get_device_capability(device))),
-                    cuda=torch.version.cuda, peak_bf16_tflops=peak,
+        capability = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        info.update(gpu=torch.cuda.get_device_name(device), capability=capability, cuda=torch.version.cuda,
+                    peak_bf16_tflops=peak,
                     float32_matmul_precision=torch.get_float32_matmul_precision())
     try:
         info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
@@ -152,7 +153,7 @@ def describe_machine(device: torch.device, threads: int | None, peak: float | No
 
 def run_child(spec: dict[str, Any], threads: int | None) -> dict[str, Any]:
     """One measurement in a fresh process; its last stdout line is the result, a failure its stderr."""
-    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads is not None else {}))
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--run-one", json.dumps(spec)],
                           capture_output=True, text=True, env=env)
     if proc.returncode == 0:
@@ -163,6 +164,17 @@ def run_child(spec: dict[str, Any], threads: int | None) -> dict[str, Any]:
 
 def number(value: float | None) -> str:
     return "" if value is None else f"{value:.1f}" if value < 100 else f"{value:.0f}"
+
+
+def mode_cells(row: dict[str, Any] | None, with_mfu: bool) -> list[str]:
+    """img/s (min-max), peak MiB and MFU of one measurement, or why it has none."""
+    if row is None or row.get("error"):
+        cells = [row["error"][:60].replace("|", "/") if row else "", ""]
+    else:
+        cells = [f"{number(row['img_per_s'])} ({number(row['img_per_s_min'])}-{number(row['img_per_s_max'])})",
+                 f"{row['peak_mem_mib']:.0f}"]
+    mfu = row.get("mfu") if row else None
+    return cells + ([f"{mfu:.1%}" if mfu else ""] if with_mfu else [])
 
 
 def markdown_table(rows: list[dict[str, Any]], with_mfu: bool) -> str:
@@ -178,12 +190,7 @@ def markdown_table(rows: list[dict[str, Any]], with_mfu: bool) -> str:
         dtype = first["dtype"] + (" (auto)" if precision == "auto" else "")
         cells = [model, f"{first['gflops_per_img']:.2f}", str(batch), dtype, "yes" if compiled else "no"]
         for mode in MODES:
-            row = by_mode.get(mode)
-            if row is None or row.get("error"):
-                cells += [row["error"] if row else "", ""] + ([""] if with_mfu else [])
-                continue
-            cells += [f"{number(row['img_per_s'])} ({number(row['img_per_s_min'])}-{number(row['img_per_s_max'])})",
-                      f"{row['peak_mem_mib']:.0f}"] + ([f"{row['mfu']:.1%}" if row.get("mfu") else ""] if with_mfu else [])
+            cells += mode_cells(by_mode.get(mode), with_mfu)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -202,8 +209,9 @@ def benchmark(args: argparse.Namespace) -> int:
     bad = [p for p in args.precisions if p not in PRECISIONS]
     if bad:
         raise UserError(f"unknown precision {bad[0]!r} (choose from {', '.join(PRECISIONS)})")
-    if min(args.batch_sizes) < 1 or args.img_size < 1 or args.rounds < 1 or args.steps < 1 or args.warmup < 0:
-        raise UserError("--batch-sizes, --img-size, --rounds and --steps must be >= 1, --warmup >= 0")
+    counts = [*args.batch_sizes, args.img_size, args.rounds, args.steps, *([] if args.threads is None else [args.threads])]
+    if min(counts) < 1 or args.warmup < 0:
+        raise UserError("--batch-sizes, --img-size, --rounds, --steps and --threads must be >= 1, --warmup >= 0")
     models = [resolve_model(name) for name in args.models]
     peak = peak_tflops(device, args.peak_tflops)
     info = describe_machine(device, args.threads, peak)
@@ -235,7 +243,8 @@ def benchmark(args: argparse.Namespace) -> int:
             writer.writeheader()
             writer.writerows(rows)
 
-    memory = "CUDA max allocated" if device.type == "cuda" else "CPU peak RSS of the measuring process minus its RSS after imports"
+    memory = ("CUDA max allocated" if device.type == "cuda"
+              else "CPU peak RSS of the measuring process minus its RSS after imports")
     print(f"\n{machine_line(info)}\nimg/s: median over {args.rounds} rounds of {args.steps} steps after {args.warmup} "
           f"warm-up steps; image size {args.img_size}; peak memory: {memory}; GFLOPs counted by FlopCounterMode"
           + (f"; MFU against {peak:g} TFLOP/s dense bf16, a training image = 3x forward FLOPs" if peak else "") + "\n")
@@ -283,7 +292,7 @@ def step_function(spec: dict[str, Any], model: torch.nn.Module, device: torch.de
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """Warm up, then time ``rounds`` rounds of ``steps`` steps; img/s per round and peak memory."""
-    if spec["threads"]:
+    if spec["threads"] is not None:
         torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
     torch.backends.cudnn.benchmark = True  # as the trainer sets it
