@@ -144,7 +144,7 @@ def describe_machine(device: torch.device, threads: int | None, peak: float | No
                     peak_bf16_tflops=peak,
                     float32_matmul_precision=torch.get_float32_matmul_precision())
     try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+        info["commit"] = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
                                         text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         pass
