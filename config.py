@@ -188,7 +188,9 @@ _C.SEG.CHECKPOINT_INTERVAL = 8000  # iterations between ckpt_iter_N.pth files (a
 # ----------------------------------------------------------------------------- misc
 # Mixed precision: 'native' (the official default), '', O1 and O2 autocast to AMP_DTYPE; O0 is float32.
 _C.AMP_OPT_LEVEL = "native"
-_C.AMP_DTYPE = "float16"  # float16 (with a gradient scaler) or bfloat16
+# auto: bfloat16 on CUDA compute capability >= 8 and on CPUs with AMX or avx512_bf16, float16 (with a
+# gradient scaler) on older CUDA GPUs, float32 elsewhere; or float16, bfloat16 (see runtime.Precision)
+_C.AMP_DTYPE = "auto"
 _C.DEVICE = ""  # '' picks cuda when available, else cpu
 _C.OUTPUT = ""
 _C.TAG = "default"

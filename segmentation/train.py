@@ -68,6 +68,7 @@ def main(config: CfgNode, dist_info: DistInfo, aug_test: bool = False) -> dict |
     model.to(device)
     model_without_ddp = model
     precision = Precision(config, device)
+    logger.info(f"precision: {precision}")
     optimizer = build_optimizer(config, model_without_ddp)
 
     resume, found = config.MODEL.RESUME, None
