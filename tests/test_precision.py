@@ -177,3 +177,35 @@ def test_default_precision_trains_and_says_what_it_chose(features, monkeypatch, 
     assert set(logits_types) == {torch.bfloat16 if bf16 else torch.float32}
     checkpoint = torch.load(tmp_path / "cros_demo_digits" / "default" / "ckpt_epoch_0.pth", weights_only=True)
     assert all(t.dtype == torch.float32 for t in checkpoint["model"].values() if t.is_floating_point())
+
+
+# ----------------------------------------------------------------------------- fused AdamW on CUDA
+def test_all_on_cuda_needs_every_parameter_there():
+    from types import SimpleNamespace
+
+    from optimizer import all_on_cuda
+
+    cuda, cpu = SimpleNamespace(device=torch.device("cuda", 0)), torch.nn.Parameter(torch.zeros(1))
+    assert all_on_cuda([{"params": [cuda]}, {"params": [cuda]}])
+    assert not all_on_cuda([{"params": [cuda]}, {"params": [cpu]}])
+    assert not all_on_cuda([{"params": [cpu]}])
+    assert not all_on_cuda([])
+
+
+@pytest.mark.parametrize("on_cuda", [True, False])
+def test_adamw_is_fused_exactly_when_the_model_is_on_cuda(monkeypatch, on_cuda):
+    """build_optimizer follows all_on_cuda (faked here: fused AdamW also runs on a CPU in
+    current torch, so the optimizer can be built and stepped); CPU models keep torch's default."""
+    import optimizer
+    from models import build_model
+
+    monkeypatch.setattr(optimizer, "all_on_cuda", lambda groups: on_cuda)
+    config = load_config(DEMO_CFG)
+    model = build_model(config)
+    adamw = optimizer.build_optimizer(config, model)
+    assert isinstance(adamw, torch.optim.AdamW)
+    assert adamw.defaults["fused"] is (True if on_cuda else None)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    before = model.head.weight.detach().clone()
+    adamw.step()
+    assert not torch.equal(model.head.weight, before)
