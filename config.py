@@ -241,6 +241,9 @@ _C.MODEL_EMA = False  # keep an exponential moving average of the weights (timm 
 _C.MODEL_EMA_DECAY = 0.9999
 _C.MODEL_EMA_EVAL = False  # the EMA weights are the ones that count: best.pth by EMA top-1, --eval scores them
 
+# ----------------------------------------------------------------------------- speed
+_C.COMPILE = False  # torch.compile the model (dynamic sizes) for training, --eval and --throughput (main.py)
+
 
 def _read_yaml(path: str) -> dict:
     if not os.path.isfile(path):
@@ -365,7 +368,7 @@ def get_config(args: argparse.Namespace) -> CN:
             pairs += [key, value]
     for flag, key in {"zip": "DATA.ZIP_MODE", "use_checkpoint": "TRAIN.USE_CHECKPOINT",
                       "eval": "EVAL_MODE", "throughput": "THROUGHPUT_MODE",
-                      "trust_checkpoints": "TRUST_CHECKPOINTS"}.items():
+                      "trust_checkpoints": "TRUST_CHECKPOINTS", "compile": "COMPILE"}.items():
         if getattr(args, flag, False):
             pairs += [key, True]
     _merge_opts(config, pairs)  # typed values: yacs keeps them as they are

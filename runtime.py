@@ -54,6 +54,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval", action="store_true", help="only evaluate")
     parser.add_argument("--seed", type=int, help="random seed")
     parser.add_argument("--device", type=str, help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model (dynamic input sizes; the first batches compile)")
     parser.add_argument("--trust-checkpoints", action="store_true",
                         help="allow checkpoints that need full unpickling (can run code): only for files you trust")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=0,
@@ -238,6 +240,18 @@ class Precision:
         if self.enabled:
             chosen = f"autocast {chosen}" + (" with gradient scaler" if self.dtype == torch.float16 else "")
         return f"{chosen} ({self.reason})"
+
+
+def compile_model(model: torch.nn.Module, backend: str = "inductor") -> None:
+    """``torch.compile`` the forward of ``model`` in place (COMPILE, ``--compile``): the module,
+    its state_dict keys and checkpoints stay those of the eager model. Sizes are symbolic from the
+    first call, and this process traces them size-obliviously (``backed_size_oblivious``: no graph
+    specialised on a stage map that holds a single group) and without duck sizing (no graph for
+    square inputs only), so after the first call a new input size reuses the graph. Call it after
+    copying the model (EMA), which would otherwise share the compiled forward."""
+    torch.fx.experimental._config.backed_size_oblivious = True
+    torch.fx.experimental._config.use_duck_shape = False
+    model.compile(dynamic=True, backend=backend)
 
 
 def check_finite(bad_step: torch.Tensor, where: str) -> None:
