@@ -188,7 +188,9 @@ _C.SEG.CHECKPOINT_INTERVAL = 8000  # iterations between ckpt_iter_N.pth files (a
 # ----------------------------------------------------------------------------- misc
 # Mixed precision: 'native' (the official default), '', O1 and O2 autocast to AMP_DTYPE; O0 is float32.
 _C.AMP_OPT_LEVEL = "native"
-_C.AMP_DTYPE = "float16"  # float16 (with a gradient scaler) or bfloat16
+# auto: bfloat16 on CUDA compute capability >= 8 and on CPUs with AMX or avx512_bf16, float16 (with a
+# gradient scaler) on older CUDA GPUs, float32 elsewhere; or float16, bfloat16 (see runtime.Precision)
+_C.AMP_DTYPE = "auto"
 _C.DEVICE = ""  # '' picks cuda when available, else cpu
 _C.OUTPUT = ""
 _C.TAG = "default"
@@ -238,6 +240,9 @@ _C.TRAIN.CHECKPOINT_MINUTES = 10.0  # save the full training state every N minut
 _C.MODEL_EMA = False  # keep an exponential moving average of the weights (timm ModelEmaV3), validated each epoch
 _C.MODEL_EMA_DECAY = 0.9999
 _C.MODEL_EMA_EVAL = False  # the EMA weights are the ones that count: best.pth by EMA top-1, --eval scores them
+
+# ----------------------------------------------------------------------------- speed
+_C.COMPILE = False  # torch.compile the model (dynamic sizes) for training, --eval and --throughput (main.py)
 
 
 def _read_yaml(path: str) -> dict:
@@ -363,7 +368,7 @@ def get_config(args: argparse.Namespace) -> CN:
             pairs += [key, value]
     for flag, key in {"zip": "DATA.ZIP_MODE", "use_checkpoint": "TRAIN.USE_CHECKPOINT",
                       "eval": "EVAL_MODE", "throughput": "THROUGHPUT_MODE",
-                      "trust_checkpoints": "TRUST_CHECKPOINTS"}.items():
+                      "trust_checkpoints": "TRUST_CHECKPOINTS", "compile": "COMPILE"}.items():
         if getattr(args, flag, False):
             pairs += [key, True]
     _merge_opts(config, pairs)  # typed values: yacs keeps them as they are

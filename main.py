@@ -33,8 +33,8 @@ from lr_scheduler import build_scheduler
 from models import build_model
 from optimizer import build_optimizer
 from plot import write_curves
-from runtime import (CheckpointClock, Precision, StopSignals, add_common_arguments, check_finite, launch,
-                     optimizer_step, setup_run)
+from runtime import (CheckpointClock, Precision, StopSignals, add_common_arguments, check_finite, compile_model,
+                     launch, optimizer_step, setup_run)
 from utils import (DistInfo, all_reduce_sum, derive_seed, load_checkpoint_file, load_pretrained, load_weights,
                    model_state, newest_loadable_checkpoint, prune_checkpoints, remove_step_checkpoints,
                    resume_position, save_checkpoint, seed_everything, step_checkpoint_path)
@@ -102,6 +102,9 @@ def main(config: CfgNode, dist_info: DistInfo) -> None:
                            "the new head starts fresh")
         logger.info(f"loaded pretrained weights from {config.MODEL.PRETRAINED}")
     ema = ModelEmaV3(model, decay=config.MODEL_EMA_DECAY) if config.MODEL_EMA and not config.EVAL_MODE else None
+    if config.COMPILE:
+        compile_model(model)
+        logger.info("torch.compile: the first batches (and the first in eval mode) compile the model")
 
     model_without_ddp = model
     if dist_info.world_size > 1:
@@ -431,7 +434,7 @@ def throughput(loader: Iterable, model: nn.Module, precision: Precision, device:
             model(images)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        logger.info(f"throughput averaged over {timed} passes")
+        logger.info(f"throughput averaged over {timed} passes, precision: {precision}")
         start = time.time()
         for _ in range(timed):
             model(images)

@@ -11,6 +11,8 @@ import os
 import signal
 import sys
 import time
+import warnings
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -24,6 +26,7 @@ from utils import DistInfo, init_distributed, load_checkpoint_file, newest_loada
 # '' is the official config.py's placeholder, which the official main.py always replaces by its
 # --amp-opt-level default 'native'; here it means the same.
 AMP_OPT_LEVELS = ("", "native", "O0", "O1", "O2")
+AMP_DTYPES = ("auto", "bfloat16", "float16")
 CONFIG_FILE = "config.yaml"
 
 
@@ -42,13 +45,17 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--amp-opt-level", type=str, choices=AMP_OPT_LEVELS[1:],
                         help="O0: no mixed precision; native (default), O1, O2: native mixed precision "
                              "(apex is not used)")
-    parser.add_argument("--amp-dtype", type=str, choices=["float16", "bfloat16"], help="mixed-precision type")
+    parser.add_argument("--amp-dtype", type=str, choices=AMP_DTYPES,
+                        help="mixed-precision type; auto (default): bfloat16 where the device runs it fast, "
+                             "float16 on older CUDA GPUs, else float32")
     parser.add_argument("--output", default="output", type=str, metavar="PATH",
                         help="root of output folders: <output>/<model name>/<tag>")
     parser.add_argument("--tag", help="tag of experiment")
     parser.add_argument("--eval", action="store_true", help="only evaluate")
     parser.add_argument("--seed", type=int, help="random seed")
     parser.add_argument("--device", type=str, help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model (dynamic input sizes; the first batches compile)")
     parser.add_argument("--trust-checkpoints", action="store_true",
                         help="allow checkpoints that need full unpickling (can run code): only for files you trust")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=0,
@@ -156,27 +163,95 @@ def run_configured(args: argparse.Namespace, main: Callable[..., None], *extra) 
     return launch(job)
 
 
+@dataclass(frozen=True)
+class DeviceFeatures:
+    """What AMP_DTYPE auto decides on: a GPU's CUDA compute capability, or whether a CPU has
+    bfloat16 matrix instructions (AMX tiles, avx512_bf16) and float16 ones (AMX-FP16)."""
+    cuda_capability: tuple[int, int] | None = None
+    amx: bool = False
+    avx512_bf16: bool = False
+    amx_fp16: bool = False
+
+
+def _cpu_has(probe: str) -> bool:
+    """One of torch's private CPU feature probes (``torch.cpu._is_*_supported``); False where this
+    torch is too old to have it."""
+    return bool(getattr(torch.cpu, probe, lambda: False)())
+
+
+def probe_device(device: torch.device) -> DeviceFeatures:
+    """The features of ``device`` that decide AMP_DTYPE auto (the one place that asks the hardware)."""
+    if device.type == "cuda":
+        return DeviceFeatures(cuda_capability=torch.cuda.get_device_capability(device))
+    if device.type == "cpu":
+        return DeviceFeatures(amx=_cpu_has("_is_amx_tile_supported"), avx512_bf16=_cpu_has("_is_avx512_bf16_supported"),
+                              amx_fp16=_cpu_has("_is_amx_fp16_supported"))
+    return DeviceFeatures()
+
+
+def auto_dtype(device_type: str, features: DeviceFeatures) -> tuple[torch.dtype, str]:
+    """AMP_DTYPE auto: bfloat16 where the hardware multiplies it fast (CUDA compute capability
+    >= 8.0, CPUs with AMX or avx512_bf16), float16 on older CUDA GPUs, else float32 (no
+    autocast); with the reason, for the log."""
+    if device_type == "cuda":
+        major, minor = features.cuda_capability
+        if major >= 8:
+            return torch.bfloat16, f"CUDA compute capability {major}.{minor}"
+        return torch.float16, f"CUDA compute capability {major}.{minor} has no fast bfloat16"
+    if device_type == "cpu":
+        found = [name for name, has in (("AMX", features.amx), ("avx512_bf16", features.avx512_bf16)) if has]
+        if found:
+            return torch.bfloat16, f"CPU has {' and '.join(found)}"
+        return torch.float32, "CPU has neither AMX nor avx512_bf16"
+    return torch.float32, f"no fast mixed precision known for {device_type} devices"
+
+
 class Precision:
-    """Autocast settings: AMP_OPT_LEVEL O0 is float32; otherwise AMP_DTYPE, except that float16
-    autocast is only used on CUDA (a CPU run stays in float32 unless bfloat16 is asked for)."""
+    """Autocast settings: AMP_OPT_LEVEL O0 is float32; otherwise autocast to AMP_DTYPE, where
+    ``auto`` picks what this device runs fastest (see ``auto_dtype``). float16 gets a gradient
+    scaler. ``str()`` says what was chosen and why."""
 
     def __init__(self, config: CfgNode, device: torch.device):
         if config.AMP_OPT_LEVEL not in AMP_OPT_LEVELS:
             raise UserError(f"AMP_OPT_LEVEL must be one of {', '.join(map(repr, AMP_OPT_LEVELS))}, "
                             f"got {config.AMP_OPT_LEVEL!r}")
-        dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(config.AMP_DTYPE)
-        if dtype is None:
-            raise UserError(f"AMP_DTYPE must be float16 or bfloat16, got {config.AMP_DTYPE!r}")
+        if config.AMP_DTYPE not in AMP_DTYPES:
+            raise UserError(f"AMP_DTYPE must be one of {', '.join(AMP_DTYPES)}, got {config.AMP_DTYPE!r}")
         self.device_type = device.type
-        self.enabled = config.AMP_OPT_LEVEL != "O0" and (dtype == torch.bfloat16 or device.type == "cuda")
-        self.dtype = dtype
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.enabled and dtype == torch.float16)
+        if config.AMP_OPT_LEVEL == "O0":
+            self.dtype, self.reason = torch.float32, "AMP_OPT_LEVEL O0"
+        elif config.AMP_DTYPE == "auto":
+            self.dtype, why = auto_dtype(device.type, probe_device(device))
+            self.reason = f"AMP_DTYPE auto: {why}"
+        else:
+            self.dtype, self.reason = getattr(torch, config.AMP_DTYPE), f"AMP_DTYPE {config.AMP_DTYPE}"
+            if self.dtype == torch.float16 and device.type == "cpu" and not probe_device(device).amx_fp16:
+                self.reason += "; slow on a CPU without AMX-FP16"
+                warnings.warn("AMP_DTYPE float16: float16 autocast is slow on a CPU without AMX-FP16; "
+                              "AMP_DTYPE auto or bfloat16 is faster")
+        self.enabled = self.dtype != torch.float32
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
 
     def autocast(self) -> torch.autocast:
         return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
 
     def __str__(self) -> str:
-        return f"autocast {str(self.dtype).replace('torch.', '')}" if self.enabled else "float32"
+        chosen = str(self.dtype).replace("torch.", "")
+        if self.enabled:
+            chosen = f"autocast {chosen}" + (" with gradient scaler" if self.dtype == torch.float16 else "")
+        return f"{chosen} ({self.reason})"
+
+
+def compile_model(model: torch.nn.Module, backend: str = "inductor") -> None:
+    """``torch.compile`` the forward of ``model`` in place (COMPILE, ``--compile``): the module,
+    its state_dict keys and checkpoints stay those of the eager model. Sizes are symbolic from the
+    first call, and this process traces them size-obliviously (``backed_size_oblivious``: no graph
+    specialised on a stage map that holds a single group) and without duck sizing (no graph for
+    square inputs only), so after the first call a new input size reuses the graph. Call it after
+    copying the model (EMA), which would otherwise share the compiled forward."""
+    torch.fx.experimental._config.backed_size_oblivious = True
+    torch.fx.experimental._config.use_duck_shape = False
+    model.compile(dynamic=True, backend=backend)
 
 
 def check_finite(bad_step: torch.Tensor, where: str) -> None:

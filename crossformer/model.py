@@ -310,7 +310,9 @@ def attention_mask(bias: Tensor | None, padded_keys: Tensor | None, batch: int) 
         keys = padded_keys.shape[-1]
         bias = torch.zeros(1, keys, keys, device=padded_keys.device)
     mask = bias.unsqueeze(0).masked_fill(padded_keys[:, None, None, :], PADDED_KEY_SCORE)
-    return mask.unsqueeze(0).expand(batch, -1, -1, -1, -1).flatten(0, 1)
+    # repeat, not expand + flatten: that reshape is a view only for a single group, a guard that
+    # would make torch.compile build another graph when the group count changes
+    return mask.repeat(batch, 1, 1, 1)
 
 
 class DynamicPosBias(nn.Module):

@@ -53,6 +53,8 @@ def load_backbone_weights(model: nn.Module, path: str, trust: bool) -> None:
 def prepare(config: CfgNode, dist_info: DistInfo, logger: logging.Logger,
             train: bool) -> tuple[DataLoader | None, DataLoader, nn.Module, Precision]:
     """Loaders, detector (with pretrained or resumed weights) and precision shared by train and test."""
+    if config.COMPILE:
+        raise UserError("COMPILE (--compile): torch.compile is used by main.py (classification) only, not by detection")
     loader_train, loader_val = engine.build_loaders(config, dist_info, train)
     model = build_detector(config).to(dist_info.device)
     logger.info(f"{config.DET.TYPE} {config.MODEL.NAME}: {sum(p.numel() for p in model.parameters()):,} parameters")

@@ -54,6 +54,8 @@ def main(config: CfgNode, dist_info: DistInfo, aug_test: bool = False) -> dict |
         with open(os.path.join(config.OUTPUT, "config.yaml"), "w") as f:
             f.write(config.dump())
     logger.info(f"world size {dist_info.world_size}, device {device}, output {config.OUTPUT}")
+    if config.COMPILE:
+        raise UserError("COMPILE (--compile): torch.compile is used by main.py (classification) only, not by segmentation")
     root = find_dataset_root(config)
     val_loader = build_val_loader(config, root, dist_info.rank, dist_info.world_size)
 
@@ -68,6 +70,7 @@ def main(config: CfgNode, dist_info: DistInfo, aug_test: bool = False) -> dict |
     model.to(device)
     model_without_ddp = model
     precision = Precision(config, device)
+    logger.info(f"precision: {precision}")
     optimizer = build_optimizer(config, model_without_ddp)
 
     resume, found = config.MODEL.RESUME, None
