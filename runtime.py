@@ -117,11 +117,13 @@ def available_cpus() -> int:
 
 
 def limit_cpu_use(config: CfgNode, dist_info: DistInfo) -> None:
-    """Apply ``cpu_plan``: cap DATA.NUM_WORKERS, and set torch's thread count unless the user
+    """Apply ``cpu_plan``: cap DATA.NUM_WORKERS (none for --throughput), and set torch's thread count unless the user
     chose one through OMP_NUM_THREADS (torchrun sets it to 1 for several processes)."""
     processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", dist_info.world_size))
     asked = config.DATA.NUM_WORKERS if "DATA" in config and "NUM_WORKERS" in config.DATA else 0
-    workers, threads = cpu_plan(asked, processes_here, available_cpus())
+    # --throughput reads one batch: every core computes
+    workers, threads = cpu_plan(0 if config.get("THROUGHPUT_MODE", False) else asked, processes_here,
+                                available_cpus())
     if workers != asked:
         frozen = config.is_frozen()
         config.defrost()

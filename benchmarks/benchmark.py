@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import datetime
 import itertools
 import json
@@ -53,6 +54,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import crossformer  # noqa: E402,F401  (registers the CrossFormer models with timm)
 from config import UserError  # noqa: E402
+from runtime import auto_dtype, compile_model, probe_device  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PRECISIONS = (*DTYPES, "auto")
@@ -77,20 +79,11 @@ def resolve_model(name: str) -> str:
     return matches[0]
 
 
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
-    except OSError:
-        return set()
-
-
-def auto_dtype(device: torch.device) -> str:
-    """bfloat16 where the hardware runs it fast (CUDA compute capability >= 8, CPUs with AMX or
-    avx512_bf16), float16 on older GPUs, float32 otherwise."""
-    if device.type == "cuda":
-        return "bfloat16" if torch.cuda.get_device_capability(device)[0] >= 8 else "float16"
-    return "bfloat16" if {"amx_bf16", "avx512_bf16"} & cpu_flags() else "float32"
+def chosen_dtype(precision: str, device: torch.device) -> str:
+    """The dtype a precision names; ``auto`` is the trainer's AMP_DTYPE auto choice."""
+    if precision != "auto":
+        return precision
+    return str(auto_dtype(device.type, probe_device(device))[0]).replace("torch.", "")
 
 
 def create_model(name: str, img_size: int) -> torch.nn.Module:
@@ -134,7 +127,7 @@ def describe_machine(device: torch.device, threads: int | None, peak: float | No
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu_model(), "cpu_count": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
-        "cpu_bf16": sorted({"amx_bf16", "avx512_bf16"} & cpu_flags()),
+        "device_features": dataclasses.asdict(probe_device(device)),
         "torch_threads": threads or torch.get_num_threads(), "python": platform.python_version(),
         "torch": torch.__version__, "timm": timm.__version__, "device": device.type,
     }
@@ -225,7 +218,7 @@ def benchmark(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     for model, batch, precision, compile_, mode in itertools.product(models, args.batch_sizes, args.precisions,
                                                                       compiled, args.modes):
-        dtype = auto_dtype(device) if precision == "auto" else precision
+        dtype = chosen_dtype(precision, device)
         spec = dict(model=model, batch_size=batch, precision=precision, dtype=dtype, compiled=compile_, mode=mode,
                     device=device.type, img_size=args.img_size, warmup=args.warmup, rounds=args.rounds,
                     steps=args.steps, threads=args.threads)
@@ -266,13 +259,14 @@ def step_function(spec: dict[str, Any], model: torch.nn.Module, device: torch.de
     dtype = DTYPES[spec["dtype"]]
     autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)  # noqa: E731
     images = torch.randn(spec["batch_size"], 3, spec["img_size"], spec["img_size"], device=device)
-    net = torch.compile(model) if spec["compiled"] else model
+    if spec["compiled"]:
+        compile_model(model)  # as the trainer's --compile does
     if spec["mode"] == "infer":
         model.eval()
 
         def infer() -> None:
             with torch.inference_mode(), autocast():
-                net(images)
+                model(images)
         return infer
 
     model.train()
@@ -282,7 +276,7 @@ def step_function(spec: dict[str, Any], model: torch.nn.Module, device: torch.de
 
     def train() -> None:
         with autocast():
-            loss = F.cross_entropy(net(images), labels)
+            loss = F.cross_entropy(model(images), labels)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()

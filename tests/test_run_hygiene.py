@@ -151,6 +151,9 @@ def test_limit_cpu_use_caps_workers_and_sets_threads_unless_omp_is_set(monkeypat
     runtime.limit_cpu_use(config, info)
     assert config.DATA.NUM_WORKERS == 3 and config.is_frozen()
     assert torch.get_num_threads() == 1
+    throughput = load_config(os.path.join(REPO, DEMO_CFG), ["DATA.NUM_WORKERS", 8, "THROUGHPUT_MODE", True])
+    runtime.limit_cpu_use(throughput, info)  # one batch to read: every core computes
+    assert throughput.DATA.NUM_WORKERS == 0 and torch.get_num_threads() == 4
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     torch.set_num_threads(3)
     runtime.limit_cpu_use(load_config(os.path.join(REPO, DEMO_CFG), ["DATA.NUM_WORKERS", 1]), info)
