@@ -386,15 +386,18 @@ class Attention(nn.Module):
         """``(num_heads, group**2, group**2)`` bias, from one DPB pass over all offsets.
 
         Without gradients (eval under ``no_grad`` / ``inference_mode``) the bias is kept and reused
-        until the group size, the DPB's dtype or device, or its weights change: an in-place change
+        until the group size, the DPB's dtype or device, the autocast dtype, or its weights change: an in-place change
         (optimizer step, ``load_state_dict``, EMA update) bumps the weights' version counters. An
         edit through ``.data`` bypasses them: call ``model.train()`` afterwards to drop the bias."""
         weight = self.qkv.weight
         if torch.is_grad_enabled() or self.training or torch.compiler.is_compiling():
             return self._position_bias(group)
-        key = (group, weight.dtype, weight.device, tuple(p._version for p in self.pos.parameters()))
+        device_type = weight.device.type
+        autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        key = (group, weight.dtype, weight.device, autocast, tuple(p._version for p in self.pos.parameters()))
         if self._kept_bias is None or self._kept_bias[0] != key:
-            with torch.inference_mode(False):  # a normal tensor, usable after inference mode ends
+            # a normal tensor (usable after inference mode ends) that needs no gradient
+            with torch.inference_mode(False), torch.no_grad():
                 self._kept_bias = (key, self._position_bias(group))
         return self._kept_bias[1]
 
