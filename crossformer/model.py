@@ -393,7 +393,8 @@ class Attention(nn.Module):
         if torch.is_grad_enabled() or self.training or torch.compiler.is_compiling():
             return self._position_bias(group)
         device_type = weight.device.type
-        autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        autocast = (torch.get_autocast_dtype(device_type) if torch.amp.is_autocast_available(device_type)
+                    and torch.is_autocast_enabled(device_type) else None)
         key = (group, weight.dtype, weight.device, autocast, tuple(p._version for p in self.pos.parameters()))
         if self._kept_bias is None or self._kept_bias[0] != key:
             # a normal tensor (usable after inference mode ends) that needs no gradient
