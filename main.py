@@ -103,7 +103,7 @@ def main(config: CfgNode, dist_info: DistInfo) -> None:
         logger.info(f"loaded pretrained weights from {config.MODEL.PRETRAINED}")
     ema = ModelEmaV3(model, decay=config.MODEL_EMA_DECAY) if config.MODEL_EMA and not config.EVAL_MODE else None
     if config.COMPILE:
-        compile_model(model)
+        compile_model(model, any_size=config.EVAL_MODE or config.THROUGHPUT_MODE)
         logger.info("torch.compile: the first batches (and the first in eval mode) compile the model")
 
     model_without_ddp = model

@@ -244,16 +244,21 @@ class Precision:
         return f"{chosen} ({self.reason})"
 
 
-def compile_model(model: torch.nn.Module, backend: str = "inductor") -> None:
+def compile_model(model: torch.nn.Module, backend: str = "inductor", any_size: bool = True) -> None:
     """``torch.compile`` the forward of ``model`` in place (COMPILE, ``--compile``): the module,
-    its state_dict keys and checkpoints stay those of the eager model. Sizes are symbolic from the
-    first call, and this process traces them size-obliviously (``backed_size_oblivious``: no graph
-    specialised on a stage map that holds a single group) and without duck sizing (no graph for
-    square inputs only), so after the first call a new input size reuses the graph. Call it after
-    copying the model (EMA), which would otherwise share the compiled forward."""
-    torch.fx.experimental._config.backed_size_oblivious = True
-    torch.fx.experimental._config.use_duck_shape = False
-    model.compile(dynamic=True, backend=backend)
+    its state_dict keys and checkpoints stay those of the eager model. Call it after copying the
+    model (EMA), which would otherwise share the compiled forward.
+
+    ``any_size`` (for evaluation and throughput): sizes are symbolic from the first call, and this
+    process traces them size-obliviously (``backed_size_oblivious``: no graph specialised on a stage
+    map that holds a single group) and without duck sizing (no graph for square inputs only), so a
+    new input size reuses the graph. Otherwise (training) torch's default: static sizes first, and
+    a size that changes becomes symbolic. Training needs that: in torch 2.14 inductor fails on the
+    backward of a graph with a symbolic height and width."""
+    if any_size:
+        torch.fx.experimental._config.backed_size_oblivious = True
+        torch.fx.experimental._config.use_duck_shape = False
+    model.compile(dynamic=True if any_size else None, backend=backend)
 
 
 def check_finite(bad_step: torch.Tensor, where: str) -> None:

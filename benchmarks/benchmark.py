@@ -260,7 +260,7 @@ def step_function(spec: dict[str, Any], model: torch.nn.Module, device: torch.de
     autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)  # noqa: E731
     images = torch.randn(spec["batch_size"], 3, spec["img_size"], spec["img_size"], device=device)
     if spec["compiled"]:
-        compile_model(model)  # as the trainer's --compile does
+        compile_model(model, any_size=spec["mode"] == "infer")  # as main.py's --compile does
     if spec["mode"] == "infer":
         model.eval()
 

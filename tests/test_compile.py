@@ -74,6 +74,23 @@ def test_inductor_compiled_forward_equals_eager_at_every_size_from_one_graph():
     check_one_graph_for_all_sizes("inductor", sizes=SIZES[:2])
 
 
+@pytest.mark.slow
+def test_inductor_compiled_training_step_equals_eager():
+    """Training compiles with static sizes (any_size=False): inductor cannot yet compile the
+    backward of a graph with a symbolic height and width."""
+    torch.manual_seed(0)
+    model = build_model(load_config(DEMO_CFG, ["MODEL.DROP_PATH_RATE", 0.0])).train()  # deterministic
+    x, labels = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 3])
+    eager_loss = torch.nn.functional.cross_entropy(model(x), labels)
+    eager_grads = torch.autograd.grad(eager_loss, list(model.parameters()))
+    runtime.compile_model(model, any_size=False)
+    loss = torch.nn.functional.cross_entropy(model(x), labels)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-4, atol=1e-4)
+    for grad, expected in zip(grads, eager_grads):
+        torch.testing.assert_close(grad, expected, rtol=1e-3, atol=1e-4)
+
+
 def test_without_the_size_settings_a_single_group_stage_would_recompile():
     """What compile_model's settings are for: plain ``torch.compile(dynamic=True)`` specialises
     the first graph on the single-group stage (and on the square size) and compiles again."""
@@ -95,9 +112,9 @@ def eager_backend_in_main(monkeypatch) -> list:
     eagerly): enough to check what main.py does with it. Returns the models it compiled."""
     compiled = []
 
-    def compile_fast(model):
-        compiled.append(model)
-        runtime.compile_model(model, backend="eager")
+    def compile_fast(model, any_size):
+        compiled.append((model, any_size))
+        runtime.compile_model(model, backend="eager", any_size=any_size)
 
     monkeypatch.setattr(main, "compile_model", compile_fast)
     return compiled
@@ -107,7 +124,7 @@ def test_compile_flag_trains_and_keeps_eager_checkpoint_names(eager_backend_in_m
     code = main.run([str(a) for a in FAKE_DATA + ["MODEL_EMA", True, "--output", tmp_path, "--epochs", 1]])
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
-    assert len(eager_backend_in_main) == 1 and "torch.compile:" in out
+    assert eager_backend_in_main[0][1] is False and len(eager_backend_in_main) == 1 and "torch.compile:" in out
     # training and evaluation (no_grad) each compiled once, the EMA copy stayed eager
     assert counters["stats"]["unique_graphs"] == 2
     assert len(re.findall(r" \* Acc@1 \d+\.\d+ Acc@5 \d+\.\d+", out)) == 2  # the model and its EMA
@@ -120,7 +137,7 @@ def test_compile_flag_throughput(eager_backend_in_main, tmp_path, capsys):
     code = main.run([str(a) for a in FAKE_DATA + ["--output", tmp_path, "--throughput"]])
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
-    assert len(eager_backend_in_main) == 1 and counters["stats"]["unique_graphs"] == 1
+    assert eager_backend_in_main == [(eager_backend_in_main[0][0], True)] and counters["stats"]["unique_graphs"] == 1
     assert re.search(r"throughput averaged over \d+ passes, precision: float32 \(AMP_OPT_LEVEL O0\)", out)
     assert re.search(r"batch_size 16 throughput \d+\.\d images/s", out)
 
