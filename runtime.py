@@ -55,7 +55,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="random seed")
     parser.add_argument("--device", type=str, help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the model (dynamic input sizes; the first batches compile)")
+                        help="torch.compile the model (the first batches compile; --eval/--throughput: one graph for every input size)")
     parser.add_argument("--trust-checkpoints", action="store_true",
                         help="allow checkpoints that need full unpickling (can run code): only for files you trust")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=0,

@@ -386,9 +386,10 @@ class Attention(nn.Module):
         """``(num_heads, group**2, group**2)`` bias, from one DPB pass over all offsets.
 
         Without gradients (eval under ``no_grad`` / ``inference_mode``) the bias is kept and reused
-        until the group size, the DPB's dtype or device, the autocast dtype, or its weights change: an in-place change
-        (optimizer step, ``load_state_dict``, EMA update) bumps the weights' version counters. An
-        edit through ``.data`` bypasses them: call ``model.train()`` afterwards to drop the bias."""
+        until the group size, the DPB's dtype or device, the autocast dtype, or its weights change:
+        an in-place change (optimizer step, ``load_state_dict``, EMA update) bumps the weights'
+        version counters. An edit through ``.data`` bypasses them: call ``model.train()`` or
+        ``model.eval()`` afterwards to drop the bias."""
         weight = self.qkv.weight
         if torch.is_grad_enabled() or self.training or torch.compiler.is_compiling():
             return self._position_bias(group)
