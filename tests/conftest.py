@@ -2,6 +2,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -29,3 +30,20 @@ def digits_dir(tmp_path_factory) -> str:
     from data.digits import ensure_digits_folder
 
     return ensure_digits_folder(str(tmp_path_factory.mktemp("data") / "digits"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (much faster for small models on 2 cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread_in_process(one_thread, monkeypatch):
+    """One thread also through main.run in this process: OMP_NUM_THREADS is the user's choice,
+    which runtime leaves alone, so it does not change pytest's thread count."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)

@@ -37,17 +37,10 @@ LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER
 DETECTED_LINE = re.compile(r"detected (\d+) objects in (\d+) images")
 # paper parameter counts (80 classes)
 # pycocotools' mask decoding trips a NumPy 2 deprecation warning (not ours)
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+              pytest.mark.usefixtures("one_thread")]
 PAPER_PARAMS = {"retinanet_crossformer_s_fpn_1x_coco": 40.8e6, "retinanet_crossformer_b_fpn_1x_coco": 62.1e6,
                 "mask_rcnn_crossformer_s_fpn_1x_coco": 50.2e6, "mask_rcnn_crossformer_b_fpn_1x_coco": 71.5e6}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

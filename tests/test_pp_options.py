@@ -10,6 +10,8 @@ from config import load_config
 from crossformer.model import RowConvPositionEncoding, block_group_sizes
 from models import build_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 OPTIONS = ["pp_linear_micro", "pp_linear_div_micro", "pp_alter_micro", "pp_7_14_micro", "pp_adapt_inter_micro",
            "pp_cpe_micro"]
@@ -19,14 +21,6 @@ OPTION_KEYS = {"pp_linear_micro": ("MODEL.CROS.GROUP_TYPE", "constant"),
                "pp_alter_micro": ("MODEL.CROS.GROUP_TYPE", "linear"),
                "pp_7_14_micro": ("MODEL.CROS.GROUP_TYPE", "constant"),
                "pp_adapt_inter_micro": ("MODEL.CROS.ADAPT_INTER", False)}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def fixture_model(name: str, tmp_path, opts=()):

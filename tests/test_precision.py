@@ -130,20 +130,11 @@ def run_in_process(argv: list, capsys) -> tuple[int, list[str], str]:
     return code, captured.err.strip().splitlines(), captured.out
 
 
-@pytest.fixture
-def one_thread(monkeypatch):
-    threads = torch.get_num_threads()
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 FAKE_DATA = ["--cfg", DEMO_CFG, "--num_workers", 0, "--batch-size", 16, "--opts", "DATA.DATASET", "fake",
              "DATA.FAKE_SIZE", 32]
 
 
-def test_bad_amp_dtype_through_main_is_one_line_and_exit_2(tmp_path, capsys, one_thread):
+def test_bad_amp_dtype_through_main_is_one_line_and_exit_2(tmp_path, capsys, one_thread_in_process):
     code, err, _ = run_in_process(FAKE_DATA + ["AMP_DTYPE", "float8", "--output", tmp_path, "--throughput"], capsys)
     assert code == 2
     assert err == ["error: AMP_DTYPE must be one of auto, bfloat16, float16, got 'float8'"]
@@ -153,7 +144,7 @@ def test_bad_amp_dtype_through_main_is_one_line_and_exit_2(tmp_path, capsys, one
     (CPU_AVX512_BF16, "precision: autocast bfloat16 (AMP_DTYPE auto: CPU has avx512_bf16)"),
     (CPU_NEITHER, "precision: float32 (AMP_DTYPE auto: CPU has neither AMX nor avx512_bf16)"),
 ])
-def test_default_precision_trains_and_says_what_it_chose(features, monkeypatch, tmp_path, capsys, one_thread,
+def test_default_precision_trains_and_says_what_it_chose(features, monkeypatch, tmp_path, capsys, one_thread_in_process,
                                                          found, logged):
     """main.py at the default precision on a CPU: one epoch trains and validates in the chosen
     dtype (the logits' dtype is recorded at every forward), saves float32 weights, and the log

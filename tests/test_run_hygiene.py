@@ -32,6 +32,8 @@ from data.images import load_image_file
 from models import build_model
 from utils import load_checkpoint_file, prune_checkpoints
 
+pytestmark = pytest.mark.usefixtures("one_thread_in_process")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CFG = "configs/demo/digits.yaml"
 NAME = "cros_demo_digits"
@@ -75,17 +77,6 @@ def run_in_process(argv: list, capsys) -> tuple[int, list[str], str]:
     code = main.run([str(a) for a in argv])
     captured = capsys.readouterr()
     return code, captured.err.strip().splitlines(), captured.out
-
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """main.run in this process must not change pytest's thread count (OMP_NUM_THREADS is the
-    user's choice, which runtime leaves alone)."""
-    threads = torch.get_num_threads()
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -16,20 +16,14 @@ import crossformer
 from crossformer.timm_models import MODELS
 from test_train import accuracies, check_ok, load_ckpt, run_main
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = sorted(MODELS)
 TINY = dict(embed_dim=16, depths=(1, 1, 2, 2), num_heads=(1, 2, 2, 4))  # architecture overrides
 SIZES = ((224, 224), (256, 256), (288, 320))  # stage-4 maps 7x7 (one group), 8x8 (padded), 9x10
 with open(os.path.join(ROOT, "tests", "fixtures", "official_models.json")) as f:
     OFFICIAL = json.load(f)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(name: str = "crossformer_pp_small_patch4_group_const_224", **kwargs) -> torch.nn.Module:

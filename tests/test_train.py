@@ -35,6 +35,8 @@ from models import build_model
 from optimizer import build_optimizer
 from utils import DistInfo
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CFG = "configs/demo/digits.yaml"
 RUN_SUBDIR = os.path.join("cros_demo_digits", "default")
@@ -91,15 +93,6 @@ def common_args(data_path, output) -> list:
 
 
 # ----------------------------------------------------------------------------- shared runs
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The in-process tests too run on one thread (much faster for this small model on 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def trained(digits_dir, tmp_path_factory) -> SimpleNamespace:
     """One epoch of the demo config on digits (demo model, batch 64, 22 steps)."""
