@@ -32,12 +32,14 @@ def fresh_dynamo(monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    # torch's own patch context: monkeypatch would undo a config option with delattr (pytest 9.2),
+    # which torch's config module then reports as removed for the rest of the session
     shapes_config = torch.fx.experimental._config
-    for name in ("backed_size_oblivious", "use_duck_shape"):
-        monkeypatch.setattr(shapes_config, name, getattr(shapes_config, name))
+    saved = {name: getattr(shapes_config, name) for name in ("backed_size_oblivious", "use_duck_shape")}
     torch._dynamo.reset()
     counters.clear()
-    yield
+    with shapes_config.patch(saved):
+        yield
     torch._dynamo.reset()
     torch.set_num_threads(threads)
 
