@@ -37,7 +37,7 @@ from runtime import (CheckpointClock, Precision, StopSignals, add_common_argumen
                      launch, optimizer_step, setup_run)
 from utils import (DistInfo, all_reduce_sum, derive_seed, load_checkpoint_file, load_pretrained, load_weights,
                    model_state, newest_loadable_checkpoint, prune_checkpoints, remove_step_checkpoints,
-                   resume_position, save_checkpoint, seed_everything, step_checkpoint_path)
+                   resume_position, write_checkpoint, seed_everything, step_checkpoint_path)
 
 # (warm-up passes, timed passes) of --throughput
 THROUGHPUT_PASSES = {"cuda": (50, 30), "cpu": (3, 10)}
@@ -223,7 +223,7 @@ def train(config: CfgNode, dist_info: DistInfo, model: nn.Module, model_without_
             sums = {key: value.item() for key, value in progress.items() if key != "bad_step"}
             state = training_state(config, model_without_ddp, optimizer, lr_scheduler, precision, ema, epoch,
                                    max_accuracy)
-            save_checkpoint({**state, "step": step, "epoch_sums": sums, "world_size": dist_info.world_size,
+            write_checkpoint({**state, "step": step, "epoch_sums": sums, "world_size": dist_info.world_size,
                              "batch_size": config.DATA.BATCH_SIZE}, path)
             remove_step_checkpoints(config.OUTPUT, keep=path)
             logger.info(f"{path} saved")
@@ -276,12 +276,12 @@ def train(config: CfgNode, dist_info: DistInfo, model: nn.Module, model_without_
             if hasattr(dataset_val, "classes"):  # image folders: predict.py names the classes
                 state["classes"] = list(dataset_val.classes)
             if epoch_saved:
-                save_checkpoint(state, os.path.join(config.OUTPUT, f"ckpt_epoch_{epoch}.pth"))
+                write_checkpoint(state, os.path.join(config.OUTPUT, f"ckpt_epoch_{epoch}.pth"))
                 saved.append(f"ckpt_epoch_{epoch}.pth")
                 remove_step_checkpoints(config.OUTPUT)  # older than this one now
                 prune_checkpoints(config.OUTPUT, config.KEEP_CHECKPOINTS)
             if improved:
-                save_checkpoint(state, os.path.join(config.OUTPUT, BEST_CHECKPOINT))
+                write_checkpoint(state, os.path.join(config.OUTPUT, BEST_CHECKPOINT))
                 saved.append(BEST_CHECKPOINT)
             record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "acc1": acc1, "acc5": acc5,
                       **ema_record, "max_accuracy": max_accuracy, "lr": optimizer.param_groups[0]["lr"]}

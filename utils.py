@@ -100,7 +100,7 @@ def derive_seed(*parts: int) -> int:
 
 
 # ----------------------------------------------------------------------------- checkpoint files
-def save_checkpoint(state: dict, path: str) -> None:
+def write_checkpoint(state: dict, path: str) -> None:
     """Write ``state`` to a temporary file beside ``path``, flush it to disk, rename it into place:
     a kill at any moment leaves either the old file or the complete new one."""
     folder = os.path.dirname(os.path.abspath(path))

@@ -29,7 +29,7 @@ from main import training_state  # noqa: E402
 from models import build_model  # noqa: E402
 from optimizer import build_optimizer  # noqa: E402
 from runtime import Precision  # noqa: E402
-from utils import load_checkpoint_file, save_checkpoint, step_checkpoint_path  # noqa: E402
+from utils import load_checkpoint_file, write_checkpoint, step_checkpoint_path  # noqa: E402
 
 
 def main() -> None:
@@ -58,7 +58,7 @@ def main() -> None:
             start = time.perf_counter()
             state = {**training_state(config, model, optimizer, scheduler, precision, ema, 3, 0.0),
                      "step": 1234, "epoch_sums": {"loss_sum": 0.0, "grad_norm_sum": 0.0}}
-            save_checkpoint(state, path)
+            write_checkpoint(state, path)
             save_times.append(time.perf_counter() - start)
             start = time.perf_counter()
             load_checkpoint_file(path)

@@ -30,7 +30,7 @@ from logger import JsonLinesWriter, create_logger  # noqa: E402
 from optimizer import build_optimizer  # noqa: E402
 from runtime import Precision, add_common_arguments, checkpoint_to_resume, run_configured  # noqa: E402
 from utils import (DistInfo, epoch_seed, load_checkpoint_file, load_weights, model_state,  # noqa: E402
-                   save_checkpoint, seed_everything)
+                   write_checkpoint, seed_everything)
 
 
 def parse_option(argv: list[str] | None = None) -> argparse.Namespace:
@@ -119,10 +119,10 @@ def main(config: CfgNode, dist_info: DistInfo) -> None:
         if dist_info.is_main:
             state = engine.checkpoint_state(model, optimizer, lr_scheduler, precision, epoch, best_ap, config)
             if epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1:
-                save_checkpoint(state, engine.epoch_checkpoint(config, epoch))
+                write_checkpoint(state, engine.epoch_checkpoint(config, epoch))
                 logger.info(f"{engine.epoch_checkpoint(config, epoch)} saved")
             if improved:
-                save_checkpoint(state, os.path.join(config.OUTPUT, "best.pth"))
+                write_checkpoint(state, os.path.join(config.OUTPUT, "best.pth"))
             metrics.write({"epoch": epoch, **{f"train_{k}": v for k, v in losses.items()}, **record,
                            "lr": optimizer.param_groups[0]["lr"]})
     logger.info(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")

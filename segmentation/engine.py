@@ -20,7 +20,7 @@ from segmentation.align_resize import aligned_resize_size
 from segmentation.losses import SegmentationLoss
 from segmentation.metrics import SegmentationMeter, format_table
 from segmentation.pipeline import normalize
-from utils import DistInfo, epoch_seed, save_checkpoint, seed_everything
+from utils import DistInfo, epoch_seed, write_checkpoint, seed_everything
 
 CHECKPOINT_PREFIX = "ckpt_iter_"  # ckpt_iter_N.pth: the state after N iterations
 CHECKPOINT_ENTRIES = ("model", "optimizer", "iteration")
@@ -96,10 +96,10 @@ def train(config: CfgNode, dist_info: DistInfo, model: nn.Module, model_without_
                      "config": config.dump()}
             if periodic:
                 path = os.path.join(config.OUTPUT, f"{CHECKPOINT_PREFIX}{done}.pth")
-                save_checkpoint(state, path)
+                write_checkpoint(state, path)
                 logger.info(f"{path} saved")
             if improved:
-                save_checkpoint(state, os.path.join(config.OUTPUT, "best.pth"))
+                write_checkpoint(state, os.path.join(config.OUTPUT, "best.pth"))
     check_finite(bad_step, "iteration")
     logger.info(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
 

@@ -21,7 +21,7 @@ from config import UserError, load_config
 from models import build_model
 from optimizer import build_optimizer
 from lr_scheduler import build_scheduler
-from utils import DistInfo, load_checkpoint_file, save_checkpoint
+from utils import DistInfo, load_checkpoint_file, write_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo", "digits.yaml")
@@ -93,7 +93,7 @@ def test_truncated_newest_checkpoint_is_reported_and_skipped(digits, uninterrupt
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "ckpt_epoch_0.pth"
-    save_checkpoint({"model": {"w": torch.ones(3)}}, str(path))
+    write_checkpoint({"model": {"w": torch.ones(3)}}, str(path))
 
     def dies_half_way(obj, f):
         f.write(b"partial")
@@ -101,7 +101,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", dies_half_way)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint({"model": {"w": torch.zeros(3)}}, str(path))
+        write_checkpoint({"model": {"w": torch.zeros(3)}}, str(path))
     assert os.listdir(tmp_path) == ["ckpt_epoch_0.pth"]
     torch.testing.assert_close(load_checkpoint_file(str(path))["model"]["w"], torch.ones(3))
 

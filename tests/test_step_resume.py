@@ -20,7 +20,7 @@ import torch
 from config import UserError
 from runtime import CheckpointClock, StopSignals
 from utils import load_checkpoint_file, model_state, newest_loadable_checkpoint, remove_step_checkpoints, \
-    resume_position, save_checkpoint, step_checkpoints
+    resume_position, write_checkpoint, step_checkpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo", "digits.yaml")
@@ -173,7 +173,7 @@ def test_signals_and_sigkill_inside_epochs_end_bit_identical(digits_dir, uninter
 # ----------------------------------------------------------------------------- pieces, in process
 def test_newest_loadable_checkpoint_orders_epoch_and_step_checkpoints(tmp_path):
     def write(name, **extra):
-        save_checkpoint({"model": {}, "optimizer": {}, "lr_scheduler": {}, **extra}, str(tmp_path / name))
+        write_checkpoint({"model": {}, "optimizer": {}, "lr_scheduler": {}, **extra}, str(tmp_path / name))
 
     write("ckpt_epoch_0.pth", epoch=0)
     write("ckpt_epoch_1_step_30.pth", epoch=1, step=30)
@@ -223,7 +223,7 @@ def test_signals_during_a_save_change_nothing(tmp_path, monkeypatch, capfd):
         os.kill(os.getpid(), signal.SIGTERM)  # the signal that starts the stop
         assert stop.requested() == "SIGTERM"
         monkeypatch.setattr(torch, "save", signalled_half_way)
-        save_checkpoint({"model": {"w": torch.arange(5.0)}, "step": 3}, str(path))
+        write_checkpoint({"model": {"w": torch.arange(5.0)}, "step": 3}, str(path))
     finally:
         for signum, handler in stop._previous.items():
             signal.signal(signum, handler)
@@ -306,7 +306,7 @@ def test_eval_scores_the_ema_weights_with_model_ema_eval(digits_dir, uninterrupt
 
 def test_checkpoint_without_ema_weights_is_named(tmp_path):
     path = tmp_path / "plain.pth"
-    save_checkpoint({"model": {"w": torch.ones(1)}}, str(path))
+    write_checkpoint({"model": {"w": torch.ones(1)}}, str(path))
     with pytest.raises(UserError, match=f"{path} has no 'model_ema' entry"):
         model_state(load_checkpoint_file(str(path)), str(path), "model_ema")
 
@@ -316,7 +316,7 @@ def test_step_checkpoint_of_another_batch_size_is_refused(digits_dir, uninterrup
     run_dir.mkdir(parents=True)
     checkpoint = load_checkpoint_file(str(uninterrupted / "ckpt_epoch_0.pth"))
     step_file = run_dir / "ckpt_epoch_1_step_6.pth"
-    save_checkpoint({**checkpoint, "epoch": 1, "step": 6, "world_size": 1, "batch_size": 32}, str(step_file))
+    write_checkpoint({**checkpoint, "epoch": 1, "step": 6, "world_size": 1, "batch_size": 32}, str(step_file))
     result = subprocess.run([sys.executable, *command(digits_dir, tmp_path, "DATA.BATCH_SIZE", "16")], cwd=ROOT,
                             capture_output=True, text=True, timeout=600, env=environment())
     assert result.returncode == 2
