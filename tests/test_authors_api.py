@@ -112,6 +112,30 @@ def test_iclr_config_builds_the_official_model_with_the_interval_it_derived():
         torch.testing.assert_close(model(images), other(images), rtol=0, atol=0)
 
 
+# The model settings of API.md's "Pre-trained Models" list and FLOPs example, and what
+# docs/authors_api.md says they give with the released configs' other settings.
+DOCUMENT_SETTINGS = {"tiny": (48, [2, 2, 6, 2], [3, 6, 12, 24]), "small": (64, [2, 2, 18, 2], [3, 6, 12, 24]),
+                     "base": (96, [2, 2, 18, 2], [3, 6, 12, 24]), "large": (128, [2, 2, 18, 2], [4, 8, 16, 32])}
+DOCUMENTED_WRONG = {"tiny": ("7.89M", "1.31"), "small": ("23.31M", "4.16")}
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_documents_t_and_s_settings_are_not_the_released_models(size):
+    embed_dim, depths, num_heads = DOCUMENT_SETTINGS[size]
+    config = load_config(os.path.join("configs", "crossformer", f"{size}_patch4_group7_224.yaml"))
+    released = (config.MODEL.CROS.EMBED_DIM, config.MODEL.CROS.DEPTHS, config.MODEL.CROS.NUM_HEADS)
+    assert (released == (embed_dim, depths, num_heads)) == (size not in DOCUMENTED_WRONG)
+    if size in DOCUMENTED_WRONG:
+        model = build_model(load_config(os.path.join("configs", "crossformer", f"{size}_patch4_group7_224.yaml"),
+                                        ["MODEL.CROS.EMBED_DIM", embed_dim, "MODEL.CROS.DEPTHS", depths,
+                                         "MODEL.CROS.NUM_HEADS", num_heads]))
+        params = f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M"
+        assert (params, f"{model.flops() / 1e9:.2f}") == DOCUMENTED_WRONG[size]
+        with open(os.path.join(ROOT, "docs", "authors_api.md"), encoding="utf-8") as f:
+            page = " ".join(f.read().split())
+        assert DOCUMENTED_WRONG[size][0] in page and f"{DOCUMENTED_WRONG[size][1]} GFLOPs" in page
+
+
 # ----------------------------------------------------------------------------- models, data, optimizer, scheduler
 def test_build_model_takes_the_authors_args(digits_dir):
     config = digits_config(digits_dir)
