@@ -94,10 +94,22 @@ def _dataset_root(config: CfgNode) -> str:
     return root
 
 
-def build_dataset(is_train: bool, config: CfgNode, rank: int = 0, world_size: int = 1) -> tuple[Dataset, int]:
+def process_share(rank: Optional[int], world_size: Optional[int]) -> tuple[int, int]:
+    """``(rank, world_size)`` as given, else the process group's (as the authors' code read them),
+    else 0 and 1."""
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def build_dataset(is_train: bool, config: CfgNode, rank: Optional[int] = None,
+                  world_size: Optional[int] = None) -> tuple[Dataset, int]:
     """``(dataset, nb_classes)``: the train or val split of DATA.DATASET with its transform (zip
-    archives when DATA.ZIP_MODE; ``rank``/``world_size`` choose the share zip cache mode ``part``
-    holds), and its class count (see ``class_count``)."""
+    archives when DATA.ZIP_MODE; with cache mode ``part`` each rank caches its share, see
+    ``process_share``), and its class count (see ``class_count``)."""
+    rank, world_size = process_share(rank, world_size)
     name = config.DATA.DATASET
     if name not in DATASETS:
         raise UserError(f"unknown DATA.DATASET {name!r}; known: {', '.join(DATASETS)}")
@@ -160,8 +172,7 @@ def build_mixup(config: CfgNode) -> Optional[Mixup]:
 def build_loader(config: CfgNode, rank: Optional[int] = None, world_size: Optional[int] = None
                  ) -> tuple[Dataset, Dataset, DataLoader, DataLoader, Optional[Mixup]]:
     """``(dataset_train, dataset_val, loader_train, loader_val, mixup_fn)`` for this rank
-    (``rank``/``world_size`` default to the process group's, as the authors' ``build_loader(config)``
-    took them, or 0 and 1 without one).
+    (``rank``/``world_size``: see ``process_share``).
 
     The train loader shuffles with a ResumableSampler seeded by config.SEED (call its
     ``set_epoch(epoch, start)`` each epoch; ``start`` skips samples a step checkpoint already
@@ -171,9 +182,7 @@ def build_loader(config: CfgNode, rank: Optional[int] = None, world_size: Option
     unreadable image raises ``UnreadableImageError`` (a UserError whose one-line message names
     the file) from iterating either loader, with or without workers.
     """
-    if rank is None or world_size is None:
-        grouped = dist.is_available() and dist.is_initialized()
-        rank, world_size = (dist.get_rank(), dist.get_world_size()) if grouped else (0, 1)
+    rank, world_size = process_share(rank, world_size)
     dataset_train, dataset_val = build_datasets(config, rank, world_size)
     batch_size = config.DATA.BATCH_SIZE
     sampler_train = ResumableSampler(dataset_train, world_size, rank, config.SEED)
