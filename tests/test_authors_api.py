@@ -341,6 +341,19 @@ def test_load_checkpoint_errors_name_the_file(digits_dir, tmp_path, logger):
         load_checkpoint(missing, *state, logger)
 
 
+def test_load_checkpoint_reads_the_authors_format_when_trusted(digits_dir, tmp_path, logger):
+    """The authors' save_checkpoint pickled the yacs config itself: refused unless trusted."""
+    config, model, optimizer, lr_scheduler = small_training_state(digits_dir)
+    path = str(tmp_path / "theirs.pth")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                "max_accuracy": 61.25, "epoch": 7, "config": config}, path)
+    refused, *state = small_training_state(digits_dir, "MODEL.RESUME", path)
+    with pytest.raises(UserError, match=rf"^refusing to load {re.escape(path)}: .*yacs\.config\.CfgNode.*--trust-checkpoints"):
+        load_checkpoint(refused, *state, logger)
+    trusted, *state = small_training_state(digits_dir, "MODEL.RESUME", path, "TRUST_CHECKPOINTS", True)
+    assert load_checkpoint(trusted, *state, logger) == 61.25 and trusted.TRAIN.START_EPOCH == 8
+
+
 def test_load_checkpoint_from_a_url(digits_dir, tmp_path, logger, monkeypatch):
     """The authors' load_checkpoint took https URLs (torch.hub's cache); here a local server."""
     config, model, optimizer, lr_scheduler = small_training_state(digits_dir, "OUTPUT", str(tmp_path / "served"))
