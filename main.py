@@ -26,7 +26,7 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader, Dataset
 from yacs.config import CfgNode
 
-from config import UserError, get_config
+from config import UserError, add_official_arguments, get_config
 from data import build_loader
 from logger import JsonLinesWriter, ScalarWriter, create_logger, create_scalar_writer, read_metrics
 from lr_scheduler import build_scheduler
@@ -47,15 +47,7 @@ BEST_CHECKPOINT = "best.pth"
 def parse_option(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser("CrossFormer training and evaluation", add_help=True)
     add_common_arguments(parser)
-    parser.add_argument("--zip", action="store_true", help="read train.zip/val.zip instead of folders")
-    parser.add_argument("--cache-mode", type=str, choices=["no", "full", "part"],
-                        help="zip mode: no cache, cache everything, or cache this rank's shard")
-    parser.add_argument("--accumulation-steps", type=int, help="gradient accumulation steps")
-    parser.add_argument("--use-checkpoint", action="store_true", help="gradient checkpointing to save memory")
-    parser.add_argument("--throughput", action="store_true", help="only measure throughput")
-    parser.add_argument("--num_workers", type=int, help="data-loading workers per process")
-    parser.add_argument("--epochs", type=int, help="training epochs")
-    parser.add_argument("--lr", type=float, help="base learning rate (for a global batch of 512)")
+    add_official_arguments(parser)
     return parser.parse_args(argv)
 
 
