@@ -46,8 +46,9 @@ def draw_classes(image: np.ndarray, classes: np.ndarray, names: list[str],
     weight = weights[blocks][..., None]
     blended = np.round(upscaled * (1 - weight) + np.asarray(colours, dtype=np.float64)[blocks] * weight)
     present, counts = np.unique(classes, return_counts=True)
-    entries = [(f"{names[c]} {100 * n / classes.size:.0f}%", colours[c])
-               for n, c in sorted(zip(counts.tolist(), present.tolist()), reverse=True)]
+    shares = [(100 * n / classes.size, c) for n, c in zip(counts.tolist(), present.tolist())]
+    entries = [(f"{names[c]} {f'{share:.0f}%' if share >= 1 else '<1%'}", colours[c])
+               for share, c in sorted(shares, reverse=True)]
     return with_legend(Image.fromarray(blended.astype(np.uint8)), "class, share of pixels", entries), entries
 
 

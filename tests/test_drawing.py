@@ -72,15 +72,16 @@ def test_segmentation_classes_get_names_colours_and_a_legend():
     classes = np.zeros((64, 64), dtype=np.int64)
     classes[8:24, 8:40] = 4  # digit 3: 512 pixels
     classes[40:56, 30:46] = 8  # digit 7: 256 pixels
+    classes[60, 60] = 2  # digit 1: one pixel
     names = class_names(load_config(SEGMENTATION_CFG))
     picture, legend = draw_classes(image, classes, names, alpha=0.5)
     assert legend == [("background 81%", BACKGROUND), ("3 12%", distinct_colours(11)[4]),
-                      ("7 6%", distinct_colours(11)[8])]
+                      ("7 6%", distinct_colours(11)[8]), ("1 <1%", distinct_colours(11)[2])]
     factor = 8
     assert picture.height == 64 * factor and picture.width > 64 * factor
     pixels = np.asarray(picture).astype(int)
     assert tuple(pixels[0, 0]) == (180, 180, 180)  # background: left as it is
-    for (y, x), (_, colour) in zip([(10, 10), (45, 35)], legend[1:]):
+    for (y, x), (_, colour) in zip([(10, 10), (45, 35), (60, 60)], legend[1:]):
         expected = tuple(round(180 * 0.5 + c * 0.5) for c in colour)
         block = pixels[y * factor:(y + 1) * factor, x * factor:(x + 1) * factor].reshape(-1, 3)
         assert {tuple(p) for p in block.tolist()} == {expected}  # the whole upscaled pixel, one colour
