@@ -1,5 +1,6 @@
 """The pictures of detection/predict.py and segmentation/predict.py: scaled up when small, a colour
 per detection or class, class names, and a legend beside the image that shows each colour."""
+import json
 import os
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from config import load_config
+from config import UserError, load_config
 from detection.predict import category_names, draw_detections
 from drawing import MIN_SIDE, distinct_colours, text_colour, upscale_factor
 from segmentation.class_names import ADE20K_CLASSES, class_names
@@ -99,3 +100,14 @@ def test_class_names_for_ade20k_the_demo_and_other_models():
     assert len(coco) == 80 and (coco[0], coco[11], coco[79]) == ("person", "stop sign", "toothbrush")
     other = category_names(load_config(DETECTION_CFG, ["DATA.DATASET", "coco", "MODEL.NUM_CLASSES", "3"]))
     assert other == ["class 1", "class 2", "class 3"]
+
+
+def test_detection_names_come_from_the_annotation_file_in_label_order(tmp_path):
+    (tmp_path / "annotations").mkdir()
+    categories = [{"id": 7, "name": "dog"}, {"id": 2, "name": "cat"}]  # labels follow the ids: cat 1, dog 2
+    (tmp_path / "annotations" / "instances_val2017.json").write_text(
+        json.dumps({"images": [], "annotations": [], "categories": categories}))
+    coco = ["DATA.DATASET", "coco", "DATA.DATA_PATH", str(tmp_path)]
+    assert category_names(load_config(DETECTION_CFG, coco + ["MODEL.NUM_CLASSES", "2"])) == ["cat", "dog"]
+    with pytest.raises(UserError, match="instances_val2017.json has 2 categories, the model 3"):
+        category_names(load_config(DETECTION_CFG, coco + ["MODEL.NUM_CLASSES", "3"]))
