@@ -2,9 +2,10 @@
 scaled up by a whole factor before anything is drawn, every instance or class gets a colour of
 its own, and a legend panel on the right of the image names each colour.
 
-torchvision draws the masks and boxes; the legend is drawn here with PIL because neither
-torchvision nor PIL has one. Text is set in DejaVu Sans, the font matplotlib ships, so it is
-scalable and the same on every machine (PIL's built-in default font is a tiny bitmap).
+torchvision draws the masks and boxes. The legend panel is drawn here with PIL: torchvision and
+PIL have none, and matplotlib's belongs to a figure, which would resample the image instead of
+keeping its pixels. Text is set in DejaVu Sans, the font matplotlib ships, so it is scalable and
+the same on every machine (PIL's built-in default font is a tiny bitmap).
 """
 from __future__ import annotations
 
