@@ -66,9 +66,10 @@ def trainer_flags_restored():
         torch.use_deterministic_algorithms(algorithms[0], warn_only=algorithms[1])  # (imports torch._dynamo)
 
 
-# set by pytest for each test, by scikit-learn when first imported (data/digits.py), and by torch's
-# inductor when it first compiles (the default cache folder)
-UNCHECKED_VARIABLES = {"PYTEST_CURRENT_TEST", "KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK", "TORCHINDUCTOR_CACHE_DIR"}
+# Environment variables set by pytest for each test and by scikit-learn when first imported
+# (data/digits.py), and those that torch's compiler stack records on first use (cache folders, ...)
+UNCHECKED_VARIABLES = {"PYTEST_CURRENT_TEST", "KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK"}
+UNCHECKED_PREFIXES = ("TORCHINDUCTOR_", "_TORCHINDUCTOR_", "TRITON_")
 # torch's config modules, compared where they were imported before the test module started
 TORCH_CONFIG_MODULES = ("torch._dynamo.config", "torch._inductor.config", "torch._functorch.config",
                         "torch.fx.experimental._config")
@@ -77,7 +78,8 @@ TORCH_CONFIG_MODULES = ("torch._dynamo.config", "torch._inductor.config", "torch
 def process_state() -> dict:
     """What a test can change for the rest of the pytest process (it runs every test module)."""
     state = {
-        "environment": {k: v for k, v in os.environ.items() if k not in UNCHECKED_VARIABLES},
+        "environment": {k: v for k, v in os.environ.items()
+                        if k not in UNCHECKED_VARIABLES and not k.startswith(UNCHECKED_PREFIXES)},
         "working directory": os.getcwd(),
         "torch threads": torch.get_num_threads(),
         "default dtype": torch.get_default_dtype(),
