@@ -284,7 +284,44 @@ def _quote_strings(config: CN, data: dict) -> None:
             data[key] = repr(value)
 
 
+def _dotted_keys(config: CN, prefix: str = "") -> list[str]:
+    """Every key of ``config`` as ``A.B.C``, sections included."""
+    keys = []
+    for name, value in config.items():
+        keys.append(prefix + name)
+        if isinstance(value, CN):
+            keys += _dotted_keys(value, f"{prefix}{name}.")
+    return keys
+
+
+def _check_known_key(config: CN, key: str, culprit: str) -> None:
+    """UserError naming ``key`` and the closest known keys when ``config`` has no such key."""
+    node = config
+    for part in key.split("."):
+        if not isinstance(node, CN) or part not in node:
+            break
+        node = node[part]
+    else:
+        return
+    # the known keys most like it: at least 0.7 alike (difflib's ratio), and within 0.1 of the best
+    likeness = {known: difflib.SequenceMatcher(None, key.upper(), known).ratio() for known in _dotted_keys(config)}
+    cutoff = max(0.7, max(likeness.values()) - 0.1)
+    close = sorted((known for known, ratio in likeness.items() if ratio >= cutoff), key=likeness.get, reverse=True)
+    hint = f"; did you mean {' or '.join(close[:3])}?" if close else ""
+    raise UserError(f"{culprit}: unknown config key {key}{hint}")
+
+
+def _check_known_keys(config: CN, data: dict, culprit: str, prefix: str = "") -> None:
+    """``_check_known_key`` for every key of the nested mapping ``data`` (a YAML file's)."""
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        _check_known_key(config, key, culprit)
+        if isinstance(value, dict):
+            _check_known_keys(config, value, culprit, key + ".")
+
+
 def _merge(config: CN, data: dict, culprit: str) -> None:
+    _check_known_keys(config, data, culprit)
     _quote_strings(config, data)
     try:
         config.merge_from_other_cfg(CN(data))
@@ -309,6 +346,7 @@ def _merge_opts(config: CN, opts: Sequence[str]) -> None:
         raise UserError(f"--opts needs KEY VALUE pairs, got an odd count: {list(opts)}")
     opts = list(opts)
     for i in range(0, len(opts), 2):
+        _check_known_key(config, opts[i], "--opts")
         node = config
         for part in opts[i].split("."):
             node = node.get(part) if isinstance(node, CN) else None

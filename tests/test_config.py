@@ -34,7 +34,15 @@ def test_base_inheritance_is_relative_to_the_file_and_children_win(tmp_path):
 @pytest.mark.parametrize("content,opts,message", [
     (None, [], "config file not found: {path}"),
     ("TRAIN: [unclosed", [], "config file {path} is not valid YAML"),
-    ("TRAIN:\n  NOT_A_KEY: 1\n", [], "config file {path}: Non-existent config key: TRAIN.NOT_A_KEY"),
+    ("TRAIN:\n  NOT_A_KEY: 1\n", [], "config file {path}: unknown config key TRAIN.NOT_A_KEY"),
+    ("MODEL:\n  CROS:\n    GROUP_SZE: [7, 7, 7, 7]\n", [],
+     "config file {path}: unknown config key MODEL.CROS.GROUP_SZE; did you mean MODEL.CROS.GROUP_SIZE or "
+     "MODEL.CROS.GROUP_TYPE?"),
+    ("TRAN:\n  EPOCHS: 3\n", [], "config file {path}: unknown config key TRAN; did you mean TRAIN?"),
+    ("TRAIN:\n  EPOCHS: 3\n", ["TRAIN.BASE_LRR", "1e-3"],
+     "--opts: unknown config key TRAIN.BASE_LRR; did you mean TRAIN.BASE_LR?"),
+    ("TRAIN:\n  EPOCHS: 3\n", ["BATCH_SIZE", "8"],
+     "--opts: unknown config key BATCH_SIZE; did you mean DATA.BATCH_SIZE?"),
     ("BASE: ['cfg.yaml']\n", [], "includes itself through BASE"),
     ("TRAIN:\n  EPOCHS: 3\n", ["TRAIN.EPOCHS", "x"], "--opts: Type mismatch"),
     ("TRAIN:\n  EPOCHS: 3\n", ["TRAIN.EPOCHS"], "--opts needs KEY VALUE pairs"),
@@ -46,6 +54,7 @@ def test_bad_config_is_a_user_error_naming_the_culprit(tmp_path, content, opts, 
     with pytest.raises(UserError) as err:
         load_config(str(path), opts)
     assert message.format(path=path) in str(err.value)
+    assert "\n" not in str(err.value)
 
 
 def test_main_flags_land_in_the_official_keys(monkeypatch):

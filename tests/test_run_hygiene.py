@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 from types import SimpleNamespace
 
 import pytest
@@ -390,14 +391,17 @@ def test_pip_install_then_import_from_another_folder(tmp_path):
     shutil.copytree(os.path.join(REPO, "crossformer"), source / "crossformer",
                     ignore=shutil.ignore_patterns("__pycache__"))
     venv = tmp_path / "venv"
-    # without pip of its own: the base pip and setuptools build and install into the venv
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
     python = str(venv / "bin" / "python")
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    # this environment's packages (pip, setuptools, torch, timm) seen from the new one, without pip of its own;
+    # --system-site-packages would reach only the base interpreter's when the tests run in a venv (as in CI)
+    with open(os.path.join(site, "tested_environment.pth"), "w") as f:
+        f.write("\n".join(sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})) + "\n")
     install = subprocess.run([python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
                               "--quiet", str(source)], capture_output=True, text=True, timeout=TIMEOUT_S)
     assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-2000:]
-    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
     installed = {name.split("-")[0] for name in os.listdir(site) if not name.startswith(("_", "."))}
     assert "crossformer" in installed
     assert not installed & {"models", "data", "utils", "config", "logger", "runtime", "main", "optimizer"}

@@ -266,13 +266,14 @@ def test_aug_test_flag_runs_every_scale(tmp_path, capsys):
                          checkpoint, "--aug-test", "--opts", *TINY, "DATA.DATASET", "ade20k"]) == 0
     out = capsys.readouterr().out
     assert "multi-scale evaluation" in out and len(MIOU_LINE.findall(out)) == 1
-    # one image: the class colours blended over it, at the image's size
+    # one image: the class colours blended over it, scaled up 16x (32 pixels high), a legend beside it
     image = os.path.join(data, "images", "validation", "0.jpg")
     png = str(tmp_path / "overlay.png")
     assert seg_predict.run(["--cfg", DEMO_CFG, "--checkpoint", checkpoint, "--image", image, "--out", png,
                             "--opts", *TINY]) == 0
-    blended, original = np.asarray(Image.open(png)), np.asarray(Image.open(image).convert("RGB"))
-    assert blended.shape == original.shape and not np.array_equal(blended, original)
+    with Image.open(png) as drawn, Image.open(image) as original:
+        assert drawn.height == 16 * original.height and drawn.width > 16 * original.width
+    assert re.search(r"classes: class \d \d+%", capsys.readouterr().out)
     assert seg_predict.run(["--cfg", DEMO_CFG, "--checkpoint", checkpoint, "--image", str(tmp_path / "none.jpg"),
                             "--out", png, "--opts", *TINY]) == 2
 
