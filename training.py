@@ -364,7 +364,9 @@ def best_summary(output_dir: str, best: BestModel, unit: str) -> str:
     if not records:
         return f"no {unit} was validated"
     record = max(records, key=lambda r: r[best.metric])  # the first of equal ones, as best.pth keeps it
-    return f"best {best.describe(record)} at {unit} {record[unit]}, weights in {os.path.join(output_dir, BEST_CHECKPOINT)}"
+    path = os.path.join(output_dir, BEST_CHECKPOINT)
+    where = f"weights in {path}" if os.path.isfile(path) else "no best.pth (no evaluation scored above 0)"
+    return f"best {best.describe(record)} at {unit} {record[unit]}, {where}"
 
 
 # ----------------------------------------------------------------------------- pieces every trainer calls
