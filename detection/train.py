@@ -41,11 +41,11 @@ def parse_option(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(config: CfgNode) -> None:
     """Set the run up, build loaders and detector, then evaluate or train from where the run stopped."""
-    dist_info, logger = setup_run(config)
     if config.COMPILE:
         raise UserError("COMPILE (--compile): torch.compile is used by main.py (classification) only, not by detection")
     if config.TRAIN.ACCUMULATION_STEPS > 1:
         raise UserError("TRAIN.ACCUMULATION_STEPS: gradient accumulation is not supported by detection/train.py")
+    dist_info, logger = setup_run(config)
     device = dist_info.device
     loader_train, loader_val = engine.build_loaders(config, dist_info, train=not config.EVAL_MODE)
     model = build_detector(config).to(device)

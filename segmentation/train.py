@@ -49,10 +49,10 @@ def main(config: CfgNode, aug_test: bool = False) -> dict | None:
     train from where the run stopped."""
     if aug_test and not config.EVAL_MODE:
         raise UserError("--aug-test applies to evaluation: add --eval --resume CKPT, or use segmentation/test.py")
-    dist_info, logger = setup_run(config)
-    device = dist_info.device
     if config.COMPILE:
         raise UserError("COMPILE (--compile): torch.compile is used by main.py (classification) only, not by segmentation")
+    dist_info, logger = setup_run(config)
+    device = dist_info.device
     root = find_dataset_root(config)
     val_loader = build_val_loader(config, root, dist_info.rank, dist_info.world_size)
     model = build_segmentation_model(config)
