@@ -1,11 +1,14 @@
 """Configuration: yacs defaults with the official CrossFormer key names, YAML files, overrides.
 
 A YAML file may name parent files under ``BASE`` (paths relative to itself); they are merged
-first. Command-line values go through ``--opts KEY VALUE ...`` and the dedicated flags of main.py.
+first. Command-line values go through ``--opts KEY VALUE ...`` and the dedicated flags of main.py
+(the authors' flags: ``add_official_arguments``).
 """
 from __future__ import annotations
 
 import argparse
+import difflib
+import glob
 import os
 from typing import Iterable, Sequence
 
@@ -258,11 +261,16 @@ def _read_yaml(path: str) -> dict:
     return data
 
 
+def per_stage(mlp_ratio: float) -> list[float]:
+    """The ICLR code's single MLP_RATIO (its configs, its ``--mlp_ratio``) as one value per stage."""
+    return [float(mlp_ratio)] * 4
+
+
 def _accept_scalar_mlp_ratio(data: dict) -> None:
     """CrossFormer (ICLR) configs give MLP_RATIO as one number; here it is one per stage."""
     cros = (data.get("MODEL") or {}).get("CROS") or {}
     if isinstance(cros.get("MLP_RATIO"), (int, float)):
-        cros["MLP_RATIO"] = [float(cros["MLP_RATIO"])] * 4
+        cros["MLP_RATIO"] = per_stage(cros["MLP_RATIO"])
 
 
 def _quote_strings(config: CN, data: dict) -> None:
@@ -312,15 +320,16 @@ def _merge_opts(config: CN, opts: Sequence[str]) -> None:
         raise UserError(f"--opts: {err.args[0] if err.args else err}") from err
 
 
-def _check_unimplemented(config: CN) -> None:
+def _check_unimplemented(config: CN, flags: dict[str, str] | None = None) -> None:
     """A UserError for the first official key set to something other than its default whose
-    feature this code does not have."""
+    feature this code does not have; ``flags`` (key -> flag) names the flag that set it."""
     for key, feature in UNIMPLEMENTED_KEYS.items():
         value, default = config, _C
         for part in key.split("."):
             value, default = value[part], default[part]
         if value != default:
-            raise UserError(f"{key} is {value!r}, but {feature} is not implemented here; "
+            culprit = f"{key} ({flags[key]})" if flags and key in flags else key
+            raise UserError(f"{culprit} is {value!r}, but {feature} is not implemented here; "
                             f"only the official default {default!r} is accepted")
 
 
@@ -329,50 +338,190 @@ def get_default_config() -> CN:
     return _C.clone()
 
 
+# ----------------------------------------------------------------------------- config files
+REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
+DENSE_TASKS = ("detection", "segmentation")  # the authors kept their mmdet/mmseg configs in <task>/configs/
+
+
+def resolve_config_path(path: str) -> str:
+    """The config file ``path`` names: as given (relative to the current folder), else relative to
+    the repository root, so that ``cd detection; python train.py --cfg configs/detection/...``
+    works. A Python config (the authors' mmdetection/mmsegmentation ones) or a file found in
+    neither place is a UserError naming the YAML config here that is closest by name."""
+    if path.endswith(".py"):
+        raise UserError(f"{path}: Python configs (the authors' mmdetection/mmsegmentation ones) are not read here; "
+                        f"configs are YAML files, and the closest by name is {closest_yaml_config(path)}")
+    if os.path.exists(path) or os.path.isabs(path):
+        return path
+    from_root = os.path.join(REPO_ROOT, path)
+    if not os.path.isfile(from_root):
+        raise UserError(f"config file not found: {path} (nor {from_root}); the closest by name is "
+                        f"{closest_yaml_config(path)}")
+    return from_root
+
+
+def closest_yaml_config(path: str) -> str:
+    """The YAML config (relative to the repository root) whose name is closest to that of
+    ``path``; one under ``detection/`` or ``segmentation/`` (the authors' layout) is matched
+    with configs/detection or configs/segmentation only."""
+    task = os.path.relpath(os.path.abspath(path), REPO_ROOT).split(os.sep)[0]
+    folder = os.path.join(REPO_ROOT, "configs", task if task in DENSE_TASKS else "")
+    candidates = sorted(os.path.relpath(p, REPO_ROOT) for p in glob.glob(os.path.join(folder, "**", "*.yaml"),
+                                                                           recursive=True))
+    names = [os.path.splitext(os.path.basename(p))[0] for p in candidates]
+    best = difflib.get_close_matches(os.path.splitext(os.path.basename(path))[0], names, n=1, cutoff=0)
+    return candidates[names.index(best[0])] if best else os.path.join("configs", task)
+
+
 def load_config(cfg_file: str, opts: Iterable[str] = ()) -> CN:
     """Defaults, then ``cfg_file`` (with its BASE files), then ``opts`` pairs; returned frozen."""
     config = get_default_config()
-    _merge_file(config, cfg_file)
+    _merge_file(config, resolve_config_path(cfg_file))
     _merge_opts(config, [str(o) for o in opts])
     _check_unimplemented(config)
     config.freeze()
     return config
 
 
+# ----------------------------------------------------------------------------- command-line flags
+# Flags of main.py (the authors' names, both versions of their main.py, plus ours) and the key each
+# sets. A flag that was not given (None, or False for a switch) leaves the key as the config file
+# has it; the authors' argparse defaults (--epochs 300, --warmup_epochs 20, --img_size 224, ...)
+# overwrote the file's values even when the flag was not given.
+FLAG_KEYS = {
+    "--batch-size": "DATA.BATCH_SIZE",
+    "--data-path": "DATA.DATA_PATH",
+    "--data-set": "DATA.DATASET",
+    "--img_size": "DATA.IMG_SIZE",
+    "--cache-mode": "DATA.CACHE_MODE",
+    "--num_workers": "DATA.NUM_WORKERS",
+    "--pretrained": "MODEL.PRETRAINED",
+    "--resume": "MODEL.RESUME",
+    "--impl_type": "MODEL.IMPL_TYPE",
+    "--embed_dim": "MODEL.CROS.EMBED_DIM",
+    "--mlp_ratio": "MODEL.CROS.MLP_RATIO",
+    "--accumulation-steps": "TRAIN.ACCUMULATION_STEPS",
+    "--epochs": "TRAIN.EPOCHS",
+    "--warmup_epochs": "TRAIN.WARMUP_EPOCHS",
+    "--lr": "TRAIN.BASE_LR",
+    "--min_lr": "TRAIN.MIN_LR",
+    "--warmup_lr": "TRAIN.WARMUP_LR",
+    "--weight_decay": "TRAIN.WEIGHT_DECAY",
+    "--amp-opt-level": "AMP_OPT_LEVEL",
+    "--amp-dtype": "AMP_DTYPE",
+    "--device": "DEVICE",
+    "--output": "OUTPUT",
+    "--tag": "TAG",
+    "--seed": "SEED",
+}
+SWITCH_KEYS = {"--zip": "DATA.ZIP_MODE", "--use-checkpoint": "TRAIN.USE_CHECKPOINT", "--eval": "EVAL_MODE",
+               "--throughput": "THROUGHPUT_MODE", "--trust-checkpoints": "TRUST_CHECKPOINTS", "--compile": "COMPILE"}
+# Flags the CrossFormer++ main.py parsed and then never read: its model followed these keys.
+IGNORED_FLAG_KEYS = {"--group_type": "MODEL.CROS.GROUP_TYPE", "--use_cpe": "MODEL.CROS.USE_CPE",
+                     "--pad_type": "MODEL.CROS.PAD_TYPE", "--no_mask": "MODEL.CROS.NO_MASK",
+                     "--adaptive_interval": "MODEL.CROS.ADAPT_INTER"}
+# The official TFRecord datasets (their --data-set names), which are not implemented here.
+TFRECORD_DATASETS = ("ImageNet", "ImageNet22K")
+
+OFFICIAL_ARGUMENTS: tuple[tuple[tuple[str, ...], dict], ...] = (
+    (("--data-set",), dict(type=str, help="dataset: imagenet (an image folder), digits (bundled), fake")),
+    (("--zip",), dict(action="store_true", help="read train.zip/val.zip instead of folders")),
+    (("--cache-mode",), dict(type=str, choices=["no", "full", "part"],
+                             help="zip mode: no cache, cache everything, or cache this rank's shard")),
+    (("--accumulation-steps",), dict(type=int, help="gradient accumulation steps")),
+    (("--use-checkpoint",), dict(action="store_true", help="gradient checkpointing to save memory")),
+    (("--throughput",), dict(action="store_true", help="only measure throughput")),
+    (("--num_workers",), dict(type=int, help="data-loading workers per process")),
+    (("--epochs",), dict(type=int, help="training epochs (TRAIN.EPOCHS)")),
+    (("--warmup_epochs",), dict(type=int, help="warm-up epochs (TRAIN.WARMUP_EPOCHS)")),
+    (("--lr",), dict(type=float, help="base learning rate for a global batch of 512 (TRAIN.BASE_LR)")),
+    (("--min_lr",), dict(type=float, help="final learning rate of the cosine schedule (TRAIN.MIN_LR)")),
+    (("--warmup_lr",), dict(type=float, help="learning rate the warm-up starts from (TRAIN.WARMUP_LR)")),
+    (("--weight_decay",), dict(type=float, help="weight decay (TRAIN.WEIGHT_DECAY)")),
+    (("--img_size",), dict(type=int, help="input resolution (DATA.IMG_SIZE)")),
+    (("--embed_dim",), dict(type=int, nargs="+", help="embedding width of stage 1 (MODEL.CROS.EMBED_DIM): one number")),
+    (("--mlp_ratio",), dict(type=float, help="MLP expansion of every stage (MODEL.CROS.MLP_RATIO)")),
+    (("--impl_type",), dict(type=str, help="the official code's model variants: only '' (none) is implemented")),
+    (("--group_type",), dict(type=str, help="ignored by the official main.py: only MODEL.CROS.GROUP_TYPE's value "
+                                             "is accepted (set it with --opts)")),
+    (("--use_cpe",), dict(action="store_true", help="ignored by the official main.py: accepted only when "
+                                                     "MODEL.CROS.USE_CPE is True")),
+    (("--pad_type",), dict(type=int, help="ignored by the official main.py: only MODEL.CROS.PAD_TYPE's value is "
+                                           "accepted")),
+    (("--no_mask",), dict(action="store_true", help="ignored by the official main.py: accepted only when "
+                                                     "MODEL.CROS.NO_MASK is True")),
+    (("--adaptive_interval",), dict(action="store_true", help="ignored by the official main.py: accepted only "
+                                                               "when MODEL.CROS.ADAPT_INTER is True")),
+)
+
+
+def add_official_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the flags of the authors' main.py (ICLR and CrossFormer++) that ``parser`` does not have
+    yet (``runtime.add_common_arguments`` defines --cfg, --opts, --batch-size, --data-path,
+    --resume, --amp-opt-level, --output, --tag, --eval, --local_rank). Every one defaults to
+    "not given"; ``get_config`` maps the given ones onto their config keys."""
+    for flags, options in OFFICIAL_ARGUMENTS:
+        try:
+            parser.add_argument(*flags, **options)
+        except argparse.ArgumentError:  # the script defines this flag itself
+            pass
+
+
+def _given(args: argparse.Namespace, flag: str):
+    """The value of ``flag`` in ``args`` (its argparse destination), None when it was not given."""
+    return getattr(args, flag.lstrip("-").replace("-", "_"), None)
+
+
+def _flag_value(flag: str, value):
+    """A given flag's value as its config key takes it; a UserError for one that cannot be honoured."""
+    if flag == "--embed_dim" and isinstance(value, (list, tuple)):
+        if len(value) != 1:
+            raise UserError(f"--embed_dim takes one number (MODEL.CROS.EMBED_DIM, the width of stage 1), "
+                            f"got {len(value)}: {' '.join(map(str, value))}")
+        return value[0]
+    if flag == "--mlp_ratio":
+        return per_stage(value)
+    if flag == "--data-set":
+        from data.build import DATASETS  # the data pipeline imports config: import it only here
+
+        if value in TFRECORD_DATASETS:
+            raise UserError(f"--data-set {value}: the official code's TFRecord datasets ({', '.join(TFRECORD_DATASETS)}) "
+                            "are not implemented here; use an image folder (--data-set imagenet) or --zip")
+        if value not in DATASETS:
+            raise UserError(f"--data-set {value}: unknown dataset; known: {', '.join(DATASETS)}")
+    return value
+
+
+def _check_ignored_flags(config: CN, args: argparse.Namespace) -> None:
+    """The flags the official main.py parsed but never read are accepted only at the value the
+    config already has: with the official code they did not change the model."""
+    for flag, key in IGNORED_FLAG_KEYS.items():
+        value, current = _given(args, flag), _lookup(config, key)
+        if value is not None and value is not False and value != current:
+            raise UserError(f"{flag} {value}: the official main.py accepted this flag but never used it (its model "
+                            f"follows {key}, here {current!r}); to ask for {value!r}, use --opts {key} {value}")
+
+
 def get_config(args: argparse.Namespace) -> CN:
-    """Config from parsed main.py arguments: the YAML, then --opts, then the dedicated flags."""
+    """Config from parsed main.py arguments (any Namespace with ``cfg``; a missing attribute is a
+    flag not given): the YAML, then --opts, then the flags that were given."""
+    if not getattr(args, "cfg", None):
+        raise UserError("get_config needs args.cfg: the path of a config file")
     config = get_default_config()
-    _merge_file(config, args.cfg)
-    _merge_opts(config, [str(o) for o in (args.opts or [])])
-    flags = {
-        "batch_size": "DATA.BATCH_SIZE",
-        "data_path": "DATA.DATA_PATH",
-        "cache_mode": "DATA.CACHE_MODE",
-        "num_workers": "DATA.NUM_WORKERS",
-        "pretrained": "MODEL.PRETRAINED",
-        "resume": "MODEL.RESUME",
-        "accumulation_steps": "TRAIN.ACCUMULATION_STEPS",
-        "epochs": "TRAIN.EPOCHS",
-        "lr": "TRAIN.BASE_LR",
-        "amp_opt_level": "AMP_OPT_LEVEL",
-        "amp_dtype": "AMP_DTYPE",
-        "device": "DEVICE",
-        "output": "OUTPUT",
-        "tag": "TAG",
-        "seed": "SEED",
-    }
-    pairs: list = []
-    for flag, key in flags.items():
-        value = getattr(args, flag, None)
+    _merge_file(config, resolve_config_path(args.cfg))
+    _merge_opts(config, [str(o) for o in (getattr(args, "opts", None) or [])])
+    pairs, given = [], {}
+    for flag, key in FLAG_KEYS.items():
+        value = _given(args, flag)
         if value is not None:
-            pairs += [key, value]
-    for flag, key in {"zip": "DATA.ZIP_MODE", "use_checkpoint": "TRAIN.USE_CHECKPOINT",
-                      "eval": "EVAL_MODE", "throughput": "THROUGHPUT_MODE",
-                      "trust_checkpoints": "TRUST_CHECKPOINTS", "compile": "COMPILE"}.items():
-        if getattr(args, flag, False):
+            pairs += [key, _flag_value(flag, value)]
+            given[key] = flag
+    for flag, key in SWITCH_KEYS.items():
+        if _given(args, flag):
             pairs += [key, True]
     _merge_opts(config, pairs)  # typed values: yacs keeps them as they are
-    _check_unimplemented(config)
+    _check_unimplemented(config, given)
+    _check_ignored_flags(config, args)
     config.LOCAL_RANK = int(os.environ.get("LOCAL_RANK", getattr(args, "local_rank", 0) or 0))
     config.OUTPUT = run_folder(config)
     check_values(config)
@@ -399,7 +548,8 @@ def _lookup(config: CN, key: str):
 
 # the smallest value each key accepts, and the flag that sets it (named in the error)
 MINIMUM_VALUES = {"DATA.BATCH_SIZE": (1, "--batch-size"), "DATA.NUM_WORKERS": (0, "--num_workers"),
-                  "TRAIN.EPOCHS": (1, "--epochs"), "SAVE_FREQ": (1, ""), "PRINT_FREQ": (1, ""),
+                  "DATA.IMG_SIZE": (1, "--img_size"), "TRAIN.EPOCHS": (1, "--epochs"),
+                  "TRAIN.WARMUP_EPOCHS": (0, "--warmup_epochs"), "SAVE_FREQ": (1, ""), "PRINT_FREQ": (1, ""),
                   "KEEP_CHECKPOINTS": (0, "")}
 
 

@@ -28,7 +28,7 @@ from torch import nn
 from torch.optim import Optimizer
 from yacs.config import CfgNode
 
-from config import UserError, get_config
+from config import UserError, add_official_arguments, get_config
 from data import build_loader
 from lr_scheduler import build_scheduler
 from models import build_model
@@ -45,16 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     """main.py's flags: the common ones, classification's, and the authors' official ones."""
     parser = argparse.ArgumentParser("CrossFormer training and evaluation", add_help=True)
     add_common_arguments(parser)
-    parser.add_argument("--zip", action="store_true", help="read train.zip/val.zip instead of folders")
-    parser.add_argument("--cache-mode", type=str, choices=["no", "full", "part"],
-                        help="zip mode: no cache, cache everything, or cache this rank's shard")
-    parser.add_argument("--accumulation-steps", type=int, help="gradient accumulation steps")
-    parser.add_argument("--use-checkpoint", action="store_true", help="gradient checkpointing to save memory")
-    parser.add_argument("--throughput", action="store_true", help="only measure throughput")
-    parser.add_argument("--num_workers", type=int, help="data-loading workers per process")
-    parser.add_argument("--epochs", type=int, help="training epochs")
-    parser.add_argument("--lr", type=float, help="base learning rate (for a global batch of 512)")
-    # the api branch's config.add_official_arguments(parser) is called here (the authors' official flags)
+    add_official_arguments(parser)  # the authors' official flags, ours among them (--zip, --epochs, --lr, ...)
     return parser
 
 

@@ -39,11 +39,10 @@ from config import UserError
 from logger import JsonLinesWriter, ScalarWriter, create_scalar_writer, read_metrics
 from plot import write_curves
 from runtime import NonFiniteLossError, Precision
-from utils import (EPOCH_CHECKPOINTS, ITERATION_CHECKPOINTS, CheckpointFamily, DistInfo, derive_seed, load_checkpoint_file,
-                   load_weights, model_state, newest_loadable_checkpoint, prune_checkpoints, remove_step_checkpoints,
-                   seed_everything, write_checkpoint)
+from utils import (BEST_CHECKPOINT, EPOCH_CHECKPOINTS, ITERATION_CHECKPOINTS, CheckpointFamily, DistInfo, derive_seed,
+                   load_checkpoint_file, load_weights, model_state, newest_loadable_checkpoint, prune_checkpoints,
+                   remove_step_checkpoints, seed_everything, write_checkpoint)
 
-BEST_CHECKPOINT = "best.pth"
 WARMUP_STEPS = 2  # the first steps of a launch (loader start-up, first allocations) are left out of the ETA
 
 

@@ -10,8 +10,9 @@ import os
 import pickletools
 import random
 import re
+import urllib.parse
 import zipfile
-from typing import BinaryIO
+from typing import BinaryIO, Iterable
 
 import numpy as np
 import torch
@@ -43,6 +44,7 @@ EPOCH_CHECKPOINTS = CheckpointFamily("ckpt_epoch_", "ckpt_epoch_{}_step_{}.pth",
 ITERATION_CHECKPOINTS = CheckpointFamily("ckpt_iter_", "ckpt_iter_{}_step.pth", re.compile(r"ckpt_iter_(\d+)_step\.pth$"),
                                          0, ("model", "optimizer", "iteration"))
 EPOCH_CHECKPOINT_PREFIX = EPOCH_CHECKPOINTS.prefix
+BEST_CHECKPOINT = "best.pth"  # the weights that scored best so far: never resumed from automatically
 STEP_CHECKPOINT_PATTERN = EPOCH_CHECKPOINTS.step_pattern
 
 
@@ -371,3 +373,111 @@ def prune_checkpoints(output_dir: str, keep: int, family: CheckpointFamily = EPO
     for path in deleted:
         os.remove(path)
     return deleted
+
+
+# ----------------------------------------------------------------------------- the authors' utils.py API
+# Their names, signatures and return values, on top of the functions above: checkpoints are read
+# without running code and must fit the model exactly, and are written crash-safe.
+LAST_CHECKPOINT = "last.pth"  # the CrossFormer++ code's checkpoint of the newest epoch
+TRAINING_ENTRIES = ("model", "optimizer", "lr_scheduler", "epoch")
+
+_logger = logging.getLogger(f"crossformer.{__name__}")  # reaches the run log
+
+
+def _local_checkpoint(path: str) -> str:
+    """``path``, or for an http(s) URL the copy in torch's hub folder, downloaded once (the authors'
+    ``load_checkpoint`` took https URLs; a sha256 prefix in the file name is checked, as there)."""
+    if not path.startswith(("https://", "http://")):
+        return path
+    name = os.path.basename(urllib.parse.urlparse(path).path)
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", name)
+    if not os.path.isfile(cached):
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        hash_match = torch.hub.HASH_REGEX.search(name)
+        try:
+            torch.hub.download_url_to_file(path, cached, hash_match.group(1) if hash_match else None, progress=False)
+        except (OSError, RuntimeError, ValueError) as err:  # unreachable, HTTP error, hash mismatch
+            raise UserError(f"cannot download checkpoint {path}: {_first_line(err)}") from err
+    return cached
+
+
+def load_checkpoint(config, model: nn.Module, optimizer: torch.optim.Optimizer | None, lr_scheduler,
+                    logger: logging.Logger) -> float:
+    """Resume from ``config.MODEL.RESUME`` (a file or an http(s) URL): the weights into ``model``
+    (exactly: a mismatch is a UserError) and, unless ``config.EVAL_MODE``, the optimizer state
+    and ``config.TRAIN.START_EPOCH`` (the epoch after the checkpoint's). Returns the checkpoint's
+    max accuracy (0.0 in eval mode or for weights only).
+
+    ``lr_scheduler`` is accepted for the authors' signature; as in main.py the schedule follows
+    the config, and the training loop's ``step_update`` sets its position. A step checkpoint
+    (main.py's, inside an epoch) restarts its epoch from the first batch here."""
+    path = _local_checkpoint(config.MODEL.RESUME)
+    checkpoint = load_checkpoint_file(path, config.TRUST_CHECKPOINTS)
+    load_weights(model, model_state(checkpoint, path), path)
+    logger.info(f"loaded weights from {config.MODEL.RESUME}")
+    if config.EVAL_MODE or optimizer is None or not all(key in checkpoint for key in TRAINING_ENTRIES):
+        return 0.0
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    epoch, step = resume_position(checkpoint)
+    if step:
+        logger.warning(f"{path} was saved after step {step} of epoch {epoch}: epoch {epoch} restarts from its "
+                       "first batch (main.py continues at that step)")
+    frozen = config.is_frozen()
+    config.defrost()
+    config.TRAIN.START_EPOCH = epoch
+    if frozen:
+        config.freeze()
+    logger.info(f"resuming training at epoch {epoch}")
+    return float(checkpoint.get("max_accuracy", 0.0))
+
+
+def save_checkpoint(config, epoch: int, model: nn.Module, max_accuracy: float, optimizer: torch.optim.Optimizer,
+                    lr_scheduler, logger: logging.Logger, best: bool = False, last: bool = False) -> str:
+    """Write the training state after ``epoch`` to ``config.OUTPUT``: ``ckpt_epoch_<epoch>.pth``,
+    or ``best.pth`` with ``best``, or ``last.pth`` with ``last`` (the CrossFormer++ signature).
+    Crash-safe, readable without unpickling code, and resumable by main.py. Returns the path."""
+    name = LAST_CHECKPOINT if last else BEST_CHECKPOINT if best else f"{EPOCH_CHECKPOINT_PREFIX}{epoch}.pth"
+    path = os.path.join(config.OUTPUT, name)
+    os.makedirs(config.OUTPUT, exist_ok=True)
+    write_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                      "lr_scheduler": lr_scheduler.state_dict(), "max_accuracy": max_accuracy, "epoch": epoch,
+                      "config": config.dump()}, path)
+    logger.info(f"{path} saved")
+    return path
+
+
+def auto_resume_helper(output_dir: str) -> str | None:
+    """The checkpoint in ``output_dir`` to resume from, or None: the newest loadable training
+    checkpoint (``newest_loadable_checkpoint``: by the epoch it holds, not by file time; never
+    ``best.pth``; damaged files are reported and skipped), or ``last.pth`` when it holds a later
+    epoch. Files that need full unpickling are skipped too (use ``--trust-checkpoints`` with main.py)."""
+    found = newest_loadable_checkpoint(output_dir, _logger)
+    last = os.path.join(output_dir, LAST_CHECKPOINT)
+    if os.path.isfile(last):
+        try:
+            checkpoint = load_checkpoint_file(last)
+            missing = [key for key in TRAINING_ENTRIES if key not in checkpoint]
+            if missing:
+                raise UserError(f"{last} lacks the '{missing[0]}' entry of a training checkpoint")
+        except UserError as err:
+            _logger.warning(f"skipping damaged checkpoint {last}: {err}")
+        else:
+            if found is None or resume_position(checkpoint) > resume_position(found[1]):
+                return last
+    return found[0] if found else None
+
+
+def get_grad_norm(parameters: torch.Tensor | Iterable[torch.Tensor], norm_type: float = 2) -> float:
+    """The ``norm_type`` norm of all the gradients of ``parameters`` together (those without a
+    gradient left out; 0.0 when none has one), as a float."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    grads = [p.grad for p in parameters if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads, float(norm_type)).item()
+
+
+def reduce_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean of ``tensor`` over all ranks (a new tensor); without a process group, ``tensor`` itself."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensor
+    return all_reduce_sum(tensor) / dist.get_world_size()

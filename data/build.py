@@ -1,9 +1,11 @@
-"""``build_loader``: datasets, transforms, samplers, loaders and Mixup/CutMix from the config."""
+"""``build_loader``, ``build_dataset``, ``build_transform`` (the authors' names): datasets,
+transforms, samplers, loaders and Mixup/CutMix from the config."""
 from __future__ import annotations
 
 import os
 from typing import Callable, Iterator, Optional
 
+import torch.distributed as dist
 from timm.data import Mixup, create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.transforms import str_to_interp_mode
@@ -54,13 +56,6 @@ def build_transform(is_train: bool, config: CfgNode) -> Callable:
     ])
 
 
-def _zip_dataset(root: str, split: str, transform: Callable, config: CfgNode, rank: int,
-                 world_size: int) -> ZipImageDataset:
-    return ZipImageDataset(os.path.join(root, f"{split}.zip"),
-                           os.path.join(root, f"{split}_map.txt"), transform,
-                           config.DATA.CACHE_MODE, rank, world_size)
-
-
 def _check_labels(dataset_train: Dataset, dataset_val: Dataset, where: str,
                   config: CfgNode) -> None:
     if hasattr(dataset_train, "classes"):  # image folders: class names from the folder names
@@ -69,42 +64,76 @@ def _check_labels(dataset_train: Dataset, dataset_val: Dataset, where: str,
             only_val = sorted(set(dataset_val.classes) - set(dataset_train.classes))
             raise UserError(f"train and val class folders differ in {where}: only in train "
                             f"{only_train[:5]}, only in val {only_val[:5]}")
-        num_classes = len(dataset_train.classes)
-    else:  # zip maps: class indices
-        num_classes = max(dataset_train.targets + dataset_val.targets) + 1
+    num_classes = max(class_count(dataset_train, config), class_count(dataset_val, config))
     if num_classes != config.MODEL.NUM_CLASSES:
         raise UserError(f"the dataset in {where} has {num_classes} classes but "
                         f"MODEL.NUM_CLASSES is {config.MODEL.NUM_CLASSES}")
 
 
-def build_datasets(config: CfgNode, rank: int = 0, world_size: int = 1) -> tuple[Dataset, Dataset]:
-    """Train and val datasets of DATA.DATASET (zip archives when DATA.ZIP_MODE)."""
-    name = config.DATA.DATASET
-    if name not in DATASETS:
-        raise UserError(f"unknown DATA.DATASET {name!r}; known: {', '.join(DATASETS)}")
-    train_transform, val_transform = build_transform(True, config), build_transform(False, config)
-    if name == "fake":
-        image_size = (3, config.DATA.IMG_SIZE, config.DATA.IMG_SIZE)
-        num_classes = config.MODEL.NUM_CLASSES
-        val_size = max(config.DATA.FAKE_SIZE // 4, config.DATA.BATCH_SIZE)
-        return (FakeData(config.DATA.FAKE_SIZE, image_size, num_classes, train_transform),
-                FakeData(val_size, image_size, num_classes, val_transform,
-                         random_offset=FAKE_VAL_OFFSET))
+def class_count(dataset: Dataset, config: CfgNode) -> int:
+    """Classes of a dataset: its class folders, one more than the largest class index of a zip
+    map, or MODEL.NUM_CLASSES for the fake dataset (which draws labels from that many)."""
+    if hasattr(dataset, "classes"):
+        return len(dataset.classes)
+    if hasattr(dataset, "targets"):
+        return max(dataset.targets) + 1
+    return config.MODEL.NUM_CLASSES
+
+
+def _dataset_root(config: CfgNode) -> str:
+    """The folder holding the splits of DATA.DATASET (the digits are written there first)."""
     root = config.DATA.DATA_PATH
-    if name == "digits":
+    if config.DATA.DATASET == "digits":
         if root and not os.path.isdir(root):  # a typo must not become a new folder of digits
             raise UserError(f"dataset folder not found: {root} (the digits are written only into an existing "
                             "folder; leave --data-path out to use ~/.cache/crossformer/digits)")
         root = ensure_digits_folder(root)
     check_data_path(root)
+    return root
+
+
+def process_share(rank: Optional[int], world_size: Optional[int]) -> tuple[int, int]:
+    """``(rank, world_size)`` as given, else the process group's (as the authors' code read them),
+    else 0 and 1."""
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def build_dataset(is_train: bool, config: CfgNode, rank: Optional[int] = None,
+                  world_size: Optional[int] = None) -> tuple[Dataset, int]:
+    """``(dataset, nb_classes)``: the train or val split of DATA.DATASET with its transform (zip
+    archives when DATA.ZIP_MODE; with cache mode ``part`` each rank caches its share, see
+    ``process_share``), and its class count (see ``class_count``)."""
+    rank, world_size = process_share(rank, world_size)
+    name = config.DATA.DATASET
+    if name not in DATASETS:
+        raise UserError(f"unknown DATA.DATASET {name!r}; known: {', '.join(DATASETS)}")
+    transform = build_transform(is_train, config)
+    if name == "fake":
+        image_size = (3, config.DATA.IMG_SIZE, config.DATA.IMG_SIZE)
+        size = config.DATA.FAKE_SIZE if is_train else max(config.DATA.FAKE_SIZE // 4, config.DATA.BATCH_SIZE)
+        dataset = FakeData(size, image_size, config.MODEL.NUM_CLASSES, transform,
+                           random_offset=0 if is_train else FAKE_VAL_OFFSET)
+        return dataset, class_count(dataset, config)
+    root = _dataset_root(config)
     if config.DATA.ZIP_MODE:
-        dataset_train = _zip_dataset(root, "train", train_transform, config, rank, world_size)
-        dataset_val = _zip_dataset(root, find_val_split(root, ".zip"), val_transform, config,
-                                   rank, world_size)
+        split = "train" if is_train else find_val_split(root, ".zip")
+        dataset = ZipImageDataset(os.path.join(root, f"{split}.zip"), os.path.join(root, f"{split}_map.txt"),
+                                  transform, config.DATA.CACHE_MODE, rank, world_size)
     else:
-        dataset_train = build_folder_dataset(root, "train", train_transform)
-        dataset_val = build_folder_dataset(root, find_val_split(root), val_transform)
-    _check_labels(dataset_train, dataset_val, root, config)
+        dataset = build_folder_dataset(root, "train" if is_train else find_val_split(root), transform)
+    return dataset, class_count(dataset, config)
+
+
+def build_datasets(config: CfgNode, rank: int = 0, world_size: int = 1) -> tuple[Dataset, Dataset]:
+    """Train and val datasets of DATA.DATASET, checked to have the same classes, MODEL.NUM_CLASSES of them."""
+    dataset_train, _ = build_dataset(True, config, rank, world_size)
+    dataset_val, _ = build_dataset(False, config, rank, world_size)
+    if config.DATA.DATASET != "fake":
+        _check_labels(dataset_train, dataset_val, _dataset_root(config), config)
     return dataset_train, dataset_val
 
 
@@ -138,9 +167,10 @@ def build_mixup(config: CfgNode) -> Optional[Mixup]:
                  num_classes=config.MODEL.NUM_CLASSES)
 
 
-def build_loader(config: CfgNode, rank: int = 0, world_size: int = 1
+def build_loader(config: CfgNode, rank: Optional[int] = None, world_size: Optional[int] = None
                  ) -> tuple[Dataset, Dataset, DataLoader, DataLoader, Optional[Mixup]]:
-    """``(dataset_train, dataset_val, loader_train, loader_val, mixup_fn)`` for this rank.
+    """``(dataset_train, dataset_val, loader_train, loader_val, mixup_fn)`` for this rank
+    (``rank``/``world_size``: see ``process_share``).
 
     The train loader shuffles with a ResumableSampler seeded by config.SEED (call its
     ``set_epoch(epoch, start)`` each epoch; ``start`` skips samples a step checkpoint already
@@ -150,6 +180,7 @@ def build_loader(config: CfgNode, rank: int = 0, world_size: int = 1
     unreadable image raises ``UnreadableImageError`` (a UserError whose one-line message names
     the file) from iterating either loader, with or without workers.
     """
+    rank, world_size = process_share(rank, world_size)
     dataset_train, dataset_val = build_datasets(config, rank, world_size)
     loader_train = resumable_loader(dataset_train, config, rank, world_size)
     loader_val = DataLoader(dataset_val, sampler=ShardSampler(len(dataset_val), rank, world_size), shuffle=False,

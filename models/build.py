@@ -65,8 +65,9 @@ def _timm(config: CfgNode) -> nn.Module:
 MODEL_TYPES = {"cross-scale": _cross_scale, "timm": _timm}
 
 
-def build_model(config: CfgNode) -> nn.Module:
-    """Build the model of ``config``; bad settings raise :class:`config.UserError`."""
+def build_model(config: CfgNode, args: object = None) -> nn.Module:
+    """Build the model of ``config``; bad settings raise :class:`config.UserError`. ``args`` (the
+    parsed command line, in the authors' signature) is accepted and not used, as there."""
     if config.MODEL.TYPE not in MODEL_TYPES:
         raise UserError(f"unknown MODEL.TYPE {config.MODEL.TYPE!r}; known types: {', '.join(MODEL_TYPES)}")
     try:
