@@ -119,8 +119,8 @@ def run_classification(config: CfgNode) -> None:
 
     if config.MODEL.PRETRAINED and not config.MODEL.RESUME:
         # --eval with MODEL_EMA_EVAL scores EMA weights
-        key = "model_ema" if config.EVAL_MODE and config.MODEL_EMA_EVAL else "model"
-        skipped = load_pretrained(model, config.MODEL.PRETRAINED, config.TRUST_CHECKPOINTS, key)
+        weights_key = "model_ema" if config.EVAL_MODE and config.MODEL_EMA_EVAL else "model"
+        skipped = load_pretrained(model, config.MODEL.PRETRAINED, config.TRUST_CHECKPOINTS, weights_key)
         if skipped:
             logger.warning(f"{config.MODEL.PRETRAINED}: the head has another class count; skipped {skipped}, "
                            "the new head starts fresh")

@@ -548,6 +548,7 @@ class TrainingRun:
         host reads them only for the progress line. Returns whether ``after_update`` stopped."""
         schedule, config, precision = self.schedule, self.config, self.precision
         accumulation = schedule.accumulation
+        ddp = isinstance(self.model, DistributedDataParallel)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         for step, batch in enumerate(batches, start=start_step):
@@ -556,7 +557,6 @@ class TrainingRun:
                 break
             seed_everything(derive_seed(config.SEED, epoch, step, self.dist_info.rank))
             update = (step + 1) % accumulation == 0
-            ddp = isinstance(self.model, DistributedDataParallel)
             with self.model.no_sync() if ddp and not update else nullcontext():
                 with precision.autocast():
                     terms = losses(batch)
@@ -642,14 +642,16 @@ class TrainingRun:
         self.stop = StopSignals().install()
         self.logger.info("Start training")
         start_time = self.epoch_started = time.time()
-        stopped = self._finish_position() if self.pending else False
-        while not stopped and self.done < schedule.total_steps:
-            epoch, step = divmod(self.done, schedule.steps_per_epoch)
-            loader.sampler.set_epoch(epoch, step * config.DATA.BATCH_SIZE)
-            self.epoch_started = time.time()
-            stopped = self.train_steps(loader, losses, epoch, step, self._after_update)
-        self.stop.restore()
-        self.scalars.close()
+        try:
+            stopped = self._finish_position() if self.pending else False
+            while not stopped and self.done < schedule.total_steps:
+                epoch, step = divmod(self.done, schedule.steps_per_epoch)
+                loader.sampler.set_epoch(epoch, step * config.DATA.BATCH_SIZE)
+                self.epoch_started = time.time()
+                stopped = self.train_steps(loader, losses, epoch, step, self._after_update)
+        finally:
+            self.stop.restore()
+            self.scalars.close()
         summary = f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}"
         if dist_info.is_main and self.best is not None:
             summary += "; " + best_summary(config.OUTPUT, self.best, schedule.unit)
