@@ -3,7 +3,7 @@ run a trainer on its demo config as a user would (a subprocess, a fresh run fold
 beside one busy process (``--neighbour``: ``yes > /dev/null``, as on a shared machine), and
 follow its metrics.jsonl, each record with the wall and CPU minutes since the start.
 
-    python benchmarks/<demo>.py [--neighbour] [--threads N] [--output DIR] [trainer arguments ...]
+    python benchmarks/<demo>.py [--cfg CONFIG] [--neighbour] [--threads N] [--output DIR] [trainer arguments ...]
 
 Without --threads the trainer's CPU plan chooses threads and loader workers (the line it logged
 is printed); CPU minutes (user + system of the trainer process, and of loader workers once they
@@ -23,12 +23,18 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from config import load_config  # noqa: E402
+
 PLAN_LINE = re.compile(r"CPU plan: .*")
 
 
-def parse_arguments(description: str) -> tuple[argparse.Namespace, list[str]]:
-    """The benchmark's own flags; the rest goes to the trainer."""
+def parse_arguments(description: str, config: str) -> tuple[argparse.Namespace, list[str]]:
+    """The benchmark's own flags (``config``: the demo config, unless --cfg names another); the
+    rest goes to the trainer."""
     parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--cfg", default=config, help=f"the config to train (default {config})")
     parser.add_argument("--neighbour", action="store_true", help="run beside one busy process (yes > /dev/null)")
     parser.add_argument("--threads", type=int, help="torch threads (OMP_NUM_THREADS; default: the CPU plan's choice)")
     parser.add_argument("--output", default="", help="run folder root (default: a temporary folder)")
@@ -52,13 +58,13 @@ class DemoRun:
     plan: str = ""
 
 
-def run_demo(script: str, config: str, run_subdir: str, args: argparse.Namespace, extra: list[str],
+def run_demo(script: str, args: argparse.Namespace, extra: list[str],
              on_record: Callable[[dict], None] = lambda record: None) -> DemoRun:
-    """Run ``script --cfg config`` (plus ``extra``) to the end and return what it did; each new
-    record of ``<output>/<run_subdir>/metrics.jsonl`` goes to ``on_record`` as it appears. Exits
-    with the trainer's stderr if it fails."""
+    """Run ``script --cfg args.cfg`` (plus ``extra``) to the end and return what it did; each new
+    record of its run folder's metrics.jsonl goes to ``on_record`` as it appears. Exits with the
+    trainer's stderr if it fails."""
     output = args.output or tempfile.mkdtemp(prefix="demo_")
-    run_dir = os.path.join(output, run_subdir)
+    run_dir = os.path.join(output, load_config(os.path.join(ROOT, args.cfg)).MODEL.NAME, "default")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("OMP_NUM_THREADS", None)
     if args.threads:
@@ -67,7 +73,7 @@ def run_demo(script: str, config: str, run_subdir: str, args: argparse.Namespace
     result, cpu = DemoRun(), 0.0
     start = time.time()
     with tempfile.TemporaryFile("w+") as errors:
-        process = subprocess.Popen([sys.executable, script, "--cfg", config, "--output", output, *extra], cwd=ROOT,
+        process = subprocess.Popen([sys.executable, script, "--cfg", args.cfg, "--output", output, *extra], cwd=ROOT,
                                    env=env, stdout=subprocess.DEVNULL, stderr=errors)
         try:
             while True:

@@ -2,7 +2,7 @@
 report, per epoch, bbox AP50 / AP and segm AP with the wall-clock and CPU minutes since the start
 (data generation, if needed, included), and when bbox AP50 first reached 0.7.
 
-    python benchmarks/detection_demo.py [--neighbour] [--threads N] [--output DIR] [--data-path DIR]
+    python benchmarks/detection_demo.py [--cfg CONFIG] [--neighbour] [--threads N] [--output DIR] [--data-path DIR]
 
 ``--neighbour`` runs it beside one busy process (see benchmarks/demo.py). The run folder is a
 fresh temporary one unless --output is given.
@@ -20,10 +20,9 @@ TARGET_AP50 = 0.7
 
 
 def main() -> int:
-    args, extra = parse_arguments(__doc__.splitlines()[0])
+    args, extra = parse_arguments(__doc__.splitlines()[0], "configs/detection/demo_digits.yaml")
     print(f"{'epoch':>5} {'bbox AP50':>9} {'bbox AP':>8} {'segm AP':>8} {'wall min':>8} {'cpu min':>8}", flush=True)
-    result = run_demo("detection/train.py", "configs/detection/demo_digits.yaml",
-                      os.path.join("mask_rcnn_demo_digits", "default"), args, extra,
+    result = run_demo("detection/train.py", args, extra,
                       lambda r: print(f"{r['epoch']:>5} {r['bbox_AP50']:>9.3f} {r['bbox_AP']:>8.3f} {r['segm_AP']:>8.3f} "
                                       f"{r['wall_min']:>8.2f} {r['cpu_min']:>8.2f}", flush=True))
     print(describe(args, result))

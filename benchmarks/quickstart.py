@@ -18,8 +18,8 @@ TARGET_TOP1 = 97.0
 
 
 def main() -> None:
-    args, extra = parse_arguments(__doc__.splitlines()[0])
-    result = run_demo("main.py", "configs/demo/digits.yaml", os.path.join("cros_demo_digits", "default"), args, extra)
+    args, extra = parse_arguments(__doc__.splitlines()[0], "configs/demo/digits.yaml")
+    result = run_demo("main.py", args, extra)
     epochs = result.records
     reached = next((e["epoch"] for e in epochs if e["acc1"] >= TARGET_TOP1), None)
     print(describe(args, result))

@@ -19,9 +19,8 @@ TARGET_MIOU = 0.6
 
 
 def main() -> None:
-    args, extra = parse_arguments(__doc__.splitlines()[0])
-    result = run_demo("segmentation/train.py", "configs/segmentation/demo_digits.yaml",
-                      os.path.join("seg_demo_digits", "default"), args, extra)
+    args, extra = parse_arguments(__doc__.splitlines()[0], "configs/segmentation/demo_digits.yaml")
+    result = run_demo("segmentation/train.py", args, extra)
     evaluations = result.records
     reached = next((e for e in evaluations if e["mIoU"] >= TARGET_MIOU), None)
     first = f"iteration {reached['iteration']} after {reached['wall_min']:.1f} wall min" if reached else "never"
