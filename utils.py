@@ -22,7 +22,6 @@ from torch import nn
 from config import UserError
 
 
-
 @dataclasses.dataclass(frozen=True)
 class CheckpointFamily:
     """The file names of one kind of training run. ``<prefix>N.pth`` holds the state after N
@@ -39,13 +38,13 @@ class CheckpointFamily:
     step_required: tuple[str, ...] = ()
 
 
-EPOCH_CHECKPOINTS = CheckpointFamily("ckpt_epoch_", "ckpt_epoch_{}_step_{}.pth", re.compile(r"ckpt_epoch_(\d+)_step_(\d+)\.pth$"),
-                                     1, ("model", "optimizer", "epoch"), ("step",))
+EPOCH_CHECKPOINTS = CheckpointFamily("ckpt_epoch_", "ckpt_epoch_{}_step_{}.pth",
+                                     re.compile(r"ckpt_epoch_(\d+)_step_(\d+)\.pth$"), 1, ("model", "optimizer", "epoch"),
+                                     ("step",))
 ITERATION_CHECKPOINTS = CheckpointFamily("ckpt_iter_", "ckpt_iter_{}_step.pth", re.compile(r"ckpt_iter_(\d+)_step\.pth$"),
                                          0, ("model", "optimizer", "iteration"))
 EPOCH_CHECKPOINT_PREFIX = EPOCH_CHECKPOINTS.prefix
 BEST_CHECKPOINT = "best.pth"  # the weights that scored best so far: never resumed from automatically
-STEP_CHECKPOINT_PATTERN = EPOCH_CHECKPOINTS.step_pattern
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,11 +290,6 @@ def load_pretrained(model: nn.Module, path: str, trust: bool = False, key: str =
     other_head = any(k in ours and state[k].shape != ours[k].shape for k in head)
     load_weights(model, state, path, skip=("head.",) if other_head else ())
     return head if other_head else []
-
-
-def epoch_checkpoints(output_dir: str) -> list[tuple[int, str]]:
-    """``(epoch, path)`` of every ``ckpt_epoch_N.pth`` in ``output_dir``, newest first."""
-    return numbered_checkpoints(output_dir, EPOCH_CHECKPOINT_PREFIX)
 
 
 def numbered_checkpoints(output_dir: str, prefix: str) -> list[tuple[int, str]]:

@@ -6,8 +6,8 @@ random flips, multi-scale detection, drop path and two loader workers asked for 
 keeps that number, whatever the CPU plan gives).
 
 The run core's logic behind this is checked in process, fast, by tests/test_run_core.py; these
-end-to-end runs are slow tests. Kills are timed by progress markers in the run log (a step checkpoint written), never by fixed
-sleeps alone, so a loaded machine only slows them down.
+end-to-end runs are slow tests. Kills are timed by progress markers in the run log (a step
+checkpoint written), never by fixed sleeps alone, so a loaded machine only slows them down.
 """
 from __future__ import annotations
 
