@@ -12,6 +12,8 @@ from termcolor import colored
 FILE_FORMAT = "[%(asctime)s %(name)s] (%(filename)s %(lineno)d): %(levelname)s %(message)s"
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 METRICS_FILE = "metrics.jsonl"
+# ``extra=FILE_ONLY``: a record for the log files only, e.g. an error line already on stderr
+FILE_ONLY = {"file_only": True}
 
 _logger = logging.getLogger(f"crossformer.{__name__}")  # reaches the run log
 
@@ -19,16 +21,14 @@ _logger = logging.getLogger(f"crossformer.{__name__}")  # reaches the run log
 def create_logger(output_dir: str, dist_rank: int = 0, name: str = "") -> logging.Logger:
     """Logger ``crossformer[.name]`` writing to ``output_dir/log_rank{dist_rank}.txt`` (appended).
 
-    Rank 0 also prints INFO and above to stdout. Calling again replaces (and closes) the
-    handlers of an earlier call with the same name.
+    Rank 0 also prints INFO and above to stdout, except records logged with ``extra=FILE_ONLY``.
+    Calling again replaces (and closes) the handlers of an earlier call with the same name.
     """
     os.makedirs(output_dir, exist_ok=True)
     logger = logging.getLogger(f"crossformer.{name}" if name else "crossformer")
     logger.setLevel(logging.DEBUG)
     logger.propagate = False
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        handler.close()
+    close_logger(name)
 
     if dist_rank == 0:
         console = logging.StreamHandler(sys.stdout)
@@ -37,6 +37,7 @@ def create_logger(output_dir: str, dist_rank: int = 0, name: str = "") -> loggin
             "(%(filename)s %(lineno)d)", "yellow")
         console.setFormatter(logging.Formatter(prefix + ": %(levelname)s %(message)s",
                                                datefmt=DATE_FORMAT))
+        console.addFilter(lambda record: not getattr(record, "file_only", False))
         logger.addHandler(console)
 
     log_file = logging.FileHandler(os.path.join(output_dir, f"log_rank{dist_rank}.txt"),
@@ -45,6 +46,15 @@ def create_logger(output_dir: str, dist_rank: int = 0, name: str = "") -> loggin
     log_file.setFormatter(logging.Formatter(FILE_FORMAT, datefmt=DATE_FORMAT))
     logger.addHandler(log_file)
     return logger
+
+
+def close_logger(name: str = "") -> None:
+    """Close and remove the handlers of ``create_logger(..., name)``: the run's log files are
+    closed, and nothing more is written to them."""
+    logger = logging.getLogger(f"crossformer.{name}" if name else "crossformer")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
 
 
 def _json_scalar(value: Any) -> Any:

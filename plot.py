@@ -11,6 +11,7 @@ import argparse
 import logging
 import math
 import os
+import re
 import sys
 
 from config import UserError
@@ -18,7 +19,9 @@ from logger import METRICS_FILE, read_metrics
 
 CURVES_FILE = "curves.png"
 X_KEYS = ("epoch", "iteration", "iter", "step")  # the first one a record has is the x axis
-HIDDEN_KEYS = ("max_accuracy",)  # running maxima: they repeat a curve that is already drawn
+HIDDEN_KEYS = ("max_accuracy", "best_bbox_AP", "best_mIoU")  # running maxima: they repeat a curve already drawn
+# COCO's numbers per object size and its recalls stay in metrics.jsonl; the picture keeps AP, AP50, AP75
+HIDDEN_PATTERN = re.compile(r"_(AP[sml]|AR\d*[sml]?)$")
 LABELS = {"train_loss": "train", "val_loss": "val", "acc1": "top-1", "acc5": "top-5", "lr": "learning rate"}
 
 
@@ -27,9 +30,10 @@ def _series(records: list[dict], x_key: str) -> dict[str, tuple[list, list]]:
     series: dict[str, tuple[list, list]] = {}
     for record in records:
         for key, value in record.items():
-            if key in (x_key, *HIDDEN_KEYS) or isinstance(value, bool) or not isinstance(value, (int, float)):
+            if (key in (x_key, *HIDDEN_KEYS) or HIDDEN_PATTERN.search(key) or isinstance(value, bool)
+                    or not isinstance(value, (int, float))):
                 continue
-            if math.isfinite(value):
+            if math.isfinite(value) and (key != "lr" or value > 0):  # the rate is drawn on a log scale
                 xs, ys = series.setdefault(key, ([], []))
                 xs.append(record[x_key])
                 ys.append(value)
@@ -67,7 +71,7 @@ def plot_run(run_dir: str, path: str = "") -> str:
         axes.grid(alpha=0.3)
         if title == "learning rate":
             axes.set_yscale("log")
-        axes.legend()
+        axes.legend(fontsize="small" if len(keys) > 6 else None, ncol=1 + len(keys) // 10)
     figure.suptitle(os.path.abspath(run_dir), fontsize=9)
     path = path or os.path.join(run_dir, CURVES_FILE)
     temporary = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp{os.getpid()}")

@@ -1,14 +1,13 @@
-"""What every training script here shares (classification, detection, segmentation): the common
-command-line flags, run set-up, mixed precision, the non-finite-loss stop, and the exit-code
-convention (bad input: one line on stderr and exit 2; non-finite loss: exit 3)."""
+"""What every script here shares at the process level (training, evaluation, prediction):
+the common command-line flags, run set-up (process group, run folder, config.yaml, log, CPU
+plan, seeds), mixed precision, torch.compile, and the exit-code convention (bad input: one line
+on stderr and exit 2; non-finite loss: exit 3). The training loop they share is training.py."""
 from __future__ import annotations
 
 import argparse
-import atexit
 import logging
-import multiprocessing
+import math
 import os
-import signal
 import sys
 import time
 import warnings
@@ -20,7 +19,8 @@ import torch.distributed as dist
 from yacs.config import CfgNode
 
 from config import UserError, get_config
-from utils import DistInfo, init_distributed, load_checkpoint_file, newest_loadable_checkpoint, seed_everything
+from logger import FILE_ONLY, close_logger, create_logger
+from utils import DistInfo, init_distributed, seed_everything
 
 
 # '' is the official config.py's placeholder, which the official main.py always replaces by its
@@ -28,6 +28,8 @@ from utils import DistInfo, init_distributed, load_checkpoint_file, newest_loada
 AMP_OPT_LEVELS = ("", "native", "O0", "O1", "O2")
 AMP_DTYPES = ("auto", "bfloat16", "float16")
 CONFIG_FILE = "config.yaml"
+LOAD_SECONDS = 0.25  # how long the CPU load of other processes is measured at start-up
+BUSY_CORE_FRACTION = 0.3  # a core busy this much of the time counts as taken: torch's threads would wait on it
 
 
 class NonFiniteLossError(RuntimeError):
@@ -74,95 +76,150 @@ def prepare_output(path: str) -> None:
         raise UserError(f"cannot write to output folder {path}: {err.strerror or err}") from err
 
 
-def setup_run(config: CfgNode) -> DistInfo:
-    """Join the process group (if launched), create the run folder, write its ``config.yaml``,
-    share the CPUs out (data-loading workers, torch threads), seed, set cuDNN flags."""
+def setup_run(config: CfgNode) -> tuple[DistInfo, logging.Logger]:
+    """Join the process group (if launched, or if the caller made one), create the run folder,
+    write its ``config.yaml``, start the log, share the CPUs out (data-loading workers, torch
+    threads), seed, set cuDNN flags. Returns this process's place and the run's logger."""
     dist_info = init_distributed(config.DEVICE)
     prepare_output(config.OUTPUT)
     if dist_info.is_main:
         write_run_config(config)
-    limit_cpu_use(config, dist_info)
+    logger = create_logger(config.OUTPUT, dist_info.rank)
+    logger.info(f"world size {dist_info.world_size}, device {dist_info.device}, output {config.OUTPUT}")
+    logger.info(limit_cpu_use(config, dist_info))
     seed_everything(config.SEED + dist_info.rank)
     torch.backends.cudnn.benchmark = not config.DETERMINISTIC
     if config.DETERMINISTIC:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    return dist_info
+    return dist_info, logger
 
 
 def write_run_config(config: CfgNode) -> None:
     """``config.yaml`` in the run folder: the config as asked for (file, --opts, flags), written
     before any value is derived from it (scaled learning rates, capped worker counts), so
-    passing it back as ``--cfg`` reproduces the run."""
+    passing it back as ``--cfg`` reproduces the run. Nothing else writes it."""
     with open(os.path.join(config.OUTPUT, CONFIG_FILE), "w", encoding="utf-8") as f:
         f.write(config.dump())
 
 
-def cpu_plan(num_workers: int, processes_here: int, cpus: int) -> tuple[int, int]:
+def cpu_plan(num_workers: int, processes_here: int, cpus: int, busy: int = 0) -> tuple[int, int]:
     """``(data-loading workers, torch threads)`` per process so that the processes on this
-    machine, their workers and their threads together use no more than ``cpus`` cores (when
-    there are at least as many cores as processes): each process gets an equal share, keeps one
-    core of it for itself, gives at most ``num_workers`` of the rest to its workers, and torch
-    computes on what the workers leave. More busy threads than cores make torch's OpenMP
-    threads wait on each other: a neighbour process then slows a run many times over."""
-    share = max(1, cpus // max(1, processes_here))
+    machine, their workers and their threads together use no more than the ``cpus - busy`` cores
+    that other work leaves free (at least one thread per process): each process gets an equal
+    share, keeps one core of it for itself, gives at most ``num_workers`` of the rest to its
+    workers, and torch computes on what the workers leave. More busy threads than free cores make
+    torch's OpenMP threads wait on each other: one busy neighbour then slows a run many times over."""
+    share = max(1, (cpus - busy) // max(1, processes_here))
     workers = max(0, min(num_workers, share - 1))
     return workers, share - workers
 
 
-def available_cpus() -> int:
-    """Cores this process may run on (its affinity mask, e.g. under taskset or a container)."""
+def available_cpus() -> set[int]:
+    """The cores this process may run on (its affinity mask, e.g. under taskset or a container)."""
     if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+        return set(os.sched_getaffinity(0))
+    return set(range(os.cpu_count() or 1))
 
 
-def limit_cpu_use(config: CfgNode, dist_info: DistInfo) -> None:
-    """Apply ``cpu_plan``: cap DATA.NUM_WORKERS (none for --throughput), and set torch's thread count unless the user
-    chose one through OMP_NUM_THREADS (torchrun sets it to 1 for several processes)."""
+def _cpu_times() -> dict[int, tuple[int, int]]:
+    """``{cpu: (busy, total)}`` clock ticks since boot, from /proc/stat (empty where it is missing)."""
+    times = {}
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            for line in f:
+                name, *fields = line.split()
+                if name.startswith("cpu") and name[3:].isdigit():
+                    ticks = [int(field) for field in fields[:8]]  # user nice system idle iowait irq softirq steal
+                    times[int(name[3:])] = (sum(ticks) - ticks[3] - ticks[4], sum(ticks))
+    except OSError:
+        pass
+    return times
+
+
+def busy_cores(cpus: set[int], seconds: float = LOAD_SECONDS, read: Callable[[], dict] = _cpu_times) -> float:
+    """How many of ``cpus`` other work keeps busy, measured over ``seconds`` (this process sleeps
+    meanwhile): the busy share of each core's time, summed. Unlike the load average, which lags
+    by a minute, this sees a neighbour that has just started. 0 where /proc/stat is missing."""
+    before = read()
+    time.sleep(seconds)
+    after = read()
+    busy = 0.0
+    for cpu in cpus & before.keys() & after.keys():
+        total = after[cpu][1] - before[cpu][1]
+        if total > 0:
+            busy += (after[cpu][0] - before[cpu][0]) / total
+    return busy
+
+
+def limit_cpu_use(config: CfgNode, dist_info: DistInfo) -> str:
+    """Apply ``cpu_plan`` to the cores left free by other work: cap DATA.NUM_WORKERS (none for
+    --throughput), and set torch's thread count unless the user chose one through
+    OMP_NUM_THREADS (torchrun sets it to 1 for several processes). Returns the log line saying
+    what was chosen and why. The load is measured once, at start-up."""
     processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", dist_info.world_size))
     asked = config.DATA.NUM_WORKERS if "DATA" in config and "NUM_WORKERS" in config.DATA else 0
-    # --throughput reads one batch: every core computes
-    workers, threads = cpu_plan(0 if config.get("THROUGHPUT_MODE", False) else asked, processes_here,
-                                available_cpus())
+    cpus = available_cpus()
+    load = busy_cores(cpus)
+    busy = min(len(cpus), math.floor(load + 1 - BUSY_CORE_FRACTION))
+    # --throughput reads one batch: every free core computes
+    workers, threads = cpu_plan(0 if config.get("THROUGHPUT_MODE", False) else asked, processes_here, len(cpus), busy)
     if workers != asked:
         frozen = config.is_frozen()
         config.defrost()
         config.DATA.NUM_WORKERS = workers
         if frozen:
             config.freeze()
-    if "OMP_NUM_THREADS" not in os.environ:
+    if "OMP_NUM_THREADS" in os.environ:
+        threads_text = f"{torch.get_num_threads()} torch threads (OMP_NUM_THREADS)"
+    else:
         torch.set_num_threads(threads)
+        threads_text = f"{threads} torch threads"
+    return (f"CPU plan: {len(cpus)} cores, {load:.1f} busy with other work (measured over {LOAD_SECONDS} s), "
+            f"{processes_here} training process(es) here; per process: {workers} data-loading workers "
+            f"({asked} asked), {threads_text}")
 
 
 def launch(job: Callable[[], None]) -> int:
     """Run ``job`` and return the exit code: 0, 2 for a UserError (one line on stderr), 3 for a
-    non-finite loss, 130 for Ctrl-C outside training. The process group, if any, is torn down
-    either way."""
+    non-finite loss, 130 for Ctrl-C outside training. The line goes to the run log too (when
+    the run got as far as starting it), as does the traceback of an unexpected error, which is
+    then raised on. A process group the job joined is torn down; one the caller made stays."""
+    logger = logging.getLogger("crossformer")
+    had_group = dist.is_available() and dist.is_initialized()
     try:
         job()
         code = 0
     except (UserError, NonFiniteLossError) as err:
-        print(f"error: {err}", file=sys.stderr)
         code = 2 if isinstance(err, UserError) else 3
+        _report(logger, f"error: {err}")
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (which stops at a step instead)
-        print("interrupted; relaunch the same command to resume from the newest checkpoint", file=sys.stderr)
         code = 130
+        _report(logger, "interrupted; relaunch the same command to resume from the newest checkpoint")
+    except Exception:
+        if logger.handlers:
+            logger.exception("the run failed", extra=FILE_ONLY)
+        close_logger()
+        raise
+    close_logger()
     if dist.is_available() and dist.is_initialized():
         if code == 0:
             dist.barrier()
-        dist.destroy_process_group()
+        if not had_group:
+            dist.destroy_process_group()
     return code
 
 
+def _report(logger: logging.Logger, line: str) -> None:
+    """``line`` on stderr and, if this run's log is open, in it."""
+    print(line, file=sys.stderr)
+    if logger.handlers:
+        logger.error(line, extra=FILE_ONLY)
+
+
 def run_configured(args: argparse.Namespace, main: Callable[..., None], *extra) -> int:
-    """``launch`` the usual job of a training or test script: the config from the parsed ``args``,
-    the run set up, then ``main(config, dist_info, *extra)``; returns the exit code."""
-
-    def job() -> None:
-        config = get_config(args)
-        main(config, setup_run(config), *extra)
-
-    return launch(job)
+    """``launch`` the usual job of a training or test script, ``main(config, *extra)`` with the
+    config from the parsed ``args`` (``main`` sets the run up); returns the exit code."""
+    return launch(lambda: main(get_config(args), *extra))
 
 
 @dataclass(frozen=True)
@@ -211,9 +268,10 @@ def auto_dtype(device_type: str, features: DeviceFeatures) -> tuple[torch.dtype,
 class Precision:
     """Autocast settings: AMP_OPT_LEVEL O0 is float32; otherwise autocast to AMP_DTYPE, where
     ``auto`` picks what this device runs fastest (see ``auto_dtype``). float16 gets a gradient
-    scaler. ``str()`` says what was chosen and why."""
+    scaler, unless ``scaler`` is given (the authors' NativeScaler holds one: its state then goes on
+    from call to call). ``str()`` says what was chosen and why."""
 
-    def __init__(self, config: CfgNode, device: torch.device):
+    def __init__(self, config: CfgNode, device: torch.device, scaler: torch.amp.GradScaler | None = None):
         if config.AMP_OPT_LEVEL not in AMP_OPT_LEVELS:
             raise UserError(f"AMP_OPT_LEVEL must be one of {', '.join(map(repr, AMP_OPT_LEVELS))}, "
                             f"got {config.AMP_OPT_LEVEL!r}")
@@ -232,7 +290,8 @@ class Precision:
                 warnings.warn("AMP_DTYPE float16: float16 autocast is slow on a CPU without AMX-FP16; "
                               "AMP_DTYPE auto or bfloat16 is faster")
         self.enabled = self.dtype != torch.float32
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        self.scaler = scaler if scaler is not None else torch.amp.GradScaler(device.type,
+                                                                            enabled=self.dtype == torch.float16)
 
     def autocast(self) -> torch.autocast:
         return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
@@ -259,126 +318,3 @@ def compile_model(model: torch.nn.Module, backend: str = "inductor", any_size: b
         torch.fx.experimental._config.backed_size_oblivious = True
         torch.fx.experimental._config.use_duck_shape = False
     model.compile(dynamic=True if any_size else None, backend=backend)
-
-
-def check_finite(bad_step: torch.Tensor, where: str) -> None:
-    """Stop at the first step whose loss was not finite (``bad_step`` >= 0); ``where`` names the
-    epoch or iteration."""
-    step = int(bad_step.item())
-    if step >= 0:
-        raise NonFiniteLossError(f"loss is not finite at {where} step {step}; stopping without saving "
-                                 "(the last checkpoint is kept)")
-
-
-# ----------------------------------------------------------------------------- stopping without losing work
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-
-
-class StopSignals:
-    """SIGTERM, SIGUSR1 (SLURM's ``--signal``) and SIGINT (Ctrl-C) as a request to stop at the
-    next step boundary, instead of dying in the middle of a step.
-
-    After ``stop = StopSignals().install()`` these signals are only recorded. The training loop
-    calls ``stop.requested()`` at every step boundary; the answer is agreed across ranks (a
-    signal to any rank stops all of them at the same step), so the loop can save a checkpoint
-    and return. Once a signal has arrived, later ones (a second Ctrl-C during the save) are
-    noted on stderr and otherwise ignored until the process ends: they cannot interrupt the save.
-    ``restore()`` puts the previous handlers back if no signal came.
-    """
-
-    def __init__(self) -> None:
-        self.received = 0  # the first signal's number; 0: none yet
-        self._previous: dict[int, object] = {}
-        self._group = None
-
-    def install(self) -> StopSignals:
-        """Record the stop signals from now on (call on every rank: it creates a process group)."""
-        if dist.is_available() and dist.is_initialized():
-            self._group = dist.new_group(backend="gloo")  # the flag lives on the host: no device sync
-        for signum in STOP_SIGNALS:
-            self._previous[signum] = signal.signal(signum, self._record)
-        return self
-
-    def restore(self) -> None:
-        """The previous handlers again, unless a signal came (then later ones stay ignored)."""
-        if not self.received:
-            for signum, handler in self._previous.items():
-                signal.signal(signum, handler)
-
-    def _record(self, signum: int, frame) -> None:
-        if self.received:
-            # os.write, not print/logging: a handler may run while those hold their locks
-            os.write(2, f"{signal.Signals(signum).name} ignored: already stopping\n".encode())
-            return
-        self.received = signum
-
-    def requested(self) -> str:
-        """The name of the signal that stops the run ('' when none), the same on every rank."""
-        received = self.received
-        if self._group is not None:
-            flag = torch.tensor([received])
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
-            received = int(flag.item())
-        return signal.Signals(received).name if received else ""
-
-
-def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: workers ignore the stop signals, which a terminal (Ctrl-C)
-    or a cluster scheduler also sends them, and keep serving batches until the main process has
-    finished its step; it stops them when it is done (see ``_kill_leftover_workers``)."""
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
-
-
-@atexit.register
-def _kill_leftover_workers() -> None:
-    """At exit, kill child processes that are still alive (DataLoader workers of a run that ended
-    with an uncaught error). They ignore SIGTERM, which multiprocessing's own exit handler (it
-    runs after this one) would send before waiting for them forever."""
-    children = multiprocessing.active_children()
-    if children:
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the kills as errors
-    for child in children:
-        child.kill()
-
-
-class CheckpointClock:
-    """Says when ``minutes`` of training have passed since the last checkpoint; never for 0."""
-
-    def __init__(self, minutes: float) -> None:
-        if minutes < 0:
-            raise UserError(f"TRAIN.CHECKPOINT_MINUTES must be >= 0 (0 turns step checkpoints off), got {minutes}")
-        self.seconds = minutes * 60
-        self.reset()
-
-    def reset(self) -> None:
-        self.start = time.monotonic()
-
-    def due(self) -> bool:
-        return self.seconds > 0 and time.monotonic() - self.start >= self.seconds
-
-
-def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, precision: Precision,
-                   clip_grad: float) -> torch.Tensor:
-    """One update after the (scaled) backward: unscale, clip to ``clip_grad`` (0: no clipping,
-    the norm is still measured), step, update the scaler, zero the gradients. Returns the norm."""
-    precision.scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad if clip_grad > 0 else float("inf"))
-    precision.scaler.step(optimizer)
-    precision.scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm
-
-
-def checkpoint_to_resume(config: CfgNode, logger: logging.Logger) -> tuple[str, dict] | None:
-    """``(path, checkpoint)`` to continue from: with TRAIN.AUTO_RESUME (not in eval mode) the newest
-    loadable epoch checkpoint of OUTPUT, which wins over MODEL.RESUME; else MODEL.RESUME, if set."""
-    if config.TRAIN.AUTO_RESUME and not config.EVAL_MODE:
-        found = newest_loadable_checkpoint(config.OUTPUT, logger, config.TRUST_CHECKPOINTS)
-        if found:
-            if config.MODEL.RESUME and config.MODEL.RESUME != found[0]:
-                logger.warning(f"auto-resume: using {found[0]} (newer than --resume {config.MODEL.RESUME})")
-            return found
-    if config.MODEL.RESUME:
-        return config.MODEL.RESUME, load_checkpoint_file(config.MODEL.RESUME, config.TRUST_CHECKPOINTS)
-    return None

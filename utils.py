@@ -21,8 +21,30 @@ from torch import nn
 
 from config import UserError
 
-STEP_CHECKPOINT_PATTERN = re.compile(r"ckpt_epoch_(\d+)_step_(\d+)\.pth$")
-EPOCH_CHECKPOINT_PREFIX = "ckpt_epoch_"
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointFamily:
+    """The file names of one kind of training run. ``<prefix>N.pth`` holds the state after N
+    epochs or iterations; a step checkpoint (``step_name`` filled with the numbers that
+    ``step_pattern`` reads back) holds a state between those. ``numbered_offset``: where
+    ``<prefix>N.pth`` continues, as the first number of a step checkpoint (epoch N + 1, or
+    iteration N). ``required``: the entries a loadable training checkpoint has (a step checkpoint
+    also ``step_required``)."""
+    prefix: str
+    step_name: str
+    step_pattern: re.Pattern
+    numbered_offset: int
+    required: tuple[str, ...]
+    step_required: tuple[str, ...] = ()
+
+
+EPOCH_CHECKPOINTS = CheckpointFamily("ckpt_epoch_", "ckpt_epoch_{}_step_{}.pth",
+                                     re.compile(r"ckpt_epoch_(\d+)_step_(\d+)\.pth$"), 1, ("model", "optimizer", "epoch"),
+                                     ("step",))
+ITERATION_CHECKPOINTS = CheckpointFamily("ckpt_iter_", "ckpt_iter_{}_step.pth", re.compile(r"ckpt_iter_(\d+)_step\.pth$"),
+                                         0, ("model", "optimizer", "iteration"))
+EPOCH_CHECKPOINT_PREFIX = EPOCH_CHECKPOINTS.prefix
+BEST_CHECKPOINT = "best.pth"  # the weights that scored best so far: never resumed from automatically
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,8 +60,9 @@ class DistInfo:
 
 
 def init_distributed(device: str = "") -> DistInfo:
-    """Join the process group a launcher (torchrun, torch.distributed.launch) describes through
-    RANK/WORLD_SIZE, or run as the only process without one. NCCL on CUDA, gloo on CPU."""
+    """Join the process group the caller already initialised, or the one a launcher (torchrun,
+    torch.distributed.launch) describes through RANK/WORLD_SIZE (NCCL on CUDA, gloo on CPU), or
+    run as the only process without one."""
     if device:
         try:
             wanted = torch.device(device)
@@ -49,16 +72,27 @@ def init_distributed(device: str = "") -> DistInfo:
             raise UserError(f"--device {device} asked for CUDA, but no CUDA device is available")
     else:
         wanted = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    joined = dist.is_available() and dist.is_initialized()  # the caller made the group (the authors' scripts)
+    if joined:
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if wanted.type == "cuda":
         index = local_rank if wanted.index is None else wanted.index
         torch.cuda.set_device(index)
         wanted = torch.device("cuda", index)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    if not joined and "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         dist.init_process_group("nccl" if wanted.type == "cuda" else "gloo", store=_launcher_store(rank, world_size),
                                 rank=rank, world_size=world_size)
     return DistInfo(rank, world_size, local_rank, wanted)
+
+
+def process_info(device: torch.device) -> DistInfo:
+    """This process in the process group, if there is one (else rank 0 of 1), computing on ``device``."""
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), device)
+    return DistInfo(0, 1, 0, device)
 
 
 def _launcher_store(rank: int, world_size: int) -> dist.Store:
@@ -86,11 +120,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
-
-
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """The seed of one rank's epoch: an epoch replays identically after a resume."""
-    return (seed * 1_000_003 + epoch * 1_009 + rank) % 2 ** 63
 
 
 def derive_seed(*parts: int) -> int:
@@ -263,11 +292,6 @@ def load_pretrained(model: nn.Module, path: str, trust: bool = False, key: str =
     return head if other_head else []
 
 
-def epoch_checkpoints(output_dir: str) -> list[tuple[int, str]]:
-    """``(epoch, path)`` of every ``ckpt_epoch_N.pth`` in ``output_dir``, newest first."""
-    return numbered_checkpoints(output_dir, EPOCH_CHECKPOINT_PREFIX)
-
-
 def numbered_checkpoints(output_dir: str, prefix: str) -> list[tuple[int, str]]:
     """``(N, path)`` of every ``<prefix>N.pth`` in ``output_dir`` (epochs, iterations), newest first."""
     pattern = re.compile(re.escape(prefix) + r"(\d+)\.pth$")
@@ -281,22 +305,23 @@ def numbered_checkpoints(output_dir: str, prefix: str) -> list[tuple[int, str]]:
 
 def step_checkpoint_path(output_dir: str, epoch: int, step: int) -> str:
     """``ckpt_epoch_E_step_K.pth``: the training state after the first K batches of epoch E."""
-    return os.path.join(output_dir, f"ckpt_epoch_{epoch}_step_{step}.pth")
+    return os.path.join(output_dir, EPOCH_CHECKPOINTS.step_name.format(epoch, step))
 
 
-def step_checkpoints(output_dir: str) -> list[tuple[tuple[int, int], str]]:
-    """``((epoch, step), path)`` of every step checkpoint in ``output_dir``, newest first."""
+def step_checkpoints(output_dir: str, family: CheckpointFamily = EPOCH_CHECKPOINTS) -> list[tuple[tuple[int, ...], str]]:
+    """``(numbers, path)`` of every step checkpoint of ``family`` in ``output_dir``, newest first:
+    ``((epoch, step), path)`` for epochs, ``((iteration,), path)`` for iterations."""
     found = []
-    for path in glob.glob(os.path.join(glob.escape(output_dir), "ckpt_epoch_*_step_*.pth")):
-        match = STEP_CHECKPOINT_PATTERN.search(os.path.basename(path))
+    for path in glob.glob(os.path.join(glob.escape(output_dir), glob.escape(family.prefix) + "*.pth")):
+        match = family.step_pattern.search(os.path.basename(path))
         if match:
-            found.append(((int(match.group(1)), int(match.group(2))), path))
+            found.append((tuple(map(int, match.groups())), path))
     return sorted(found, reverse=True)
 
 
-def remove_step_checkpoints(output_dir: str, keep: str = "") -> None:
+def remove_step_checkpoints(output_dir: str, keep: str = "", family: CheckpointFamily = EPOCH_CHECKPOINTS) -> None:
     """Delete the step checkpoints in ``output_dir`` except ``keep``: only the newest is kept."""
-    for _, path in step_checkpoints(output_dir):
+    for _, path in step_checkpoints(output_dir, family):
         if not keep or os.path.abspath(path) != os.path.abspath(keep):
             try:
                 os.remove(path)
@@ -314,21 +339,17 @@ def resume_position(checkpoint: dict) -> tuple[int, int]:
 
 
 def newest_loadable_checkpoint(output_dir: str, logger: logging.Logger, trust: bool = False,
-                               prefix: str = EPOCH_CHECKPOINT_PREFIX,
-                               required: tuple[str, ...] = ("model", "optimizer", "lr_scheduler", "epoch"),
-                               ) -> tuple[str, dict] | None:
+                               family: CheckpointFamily = EPOCH_CHECKPOINTS) -> tuple[str, dict] | None:
     """The loadable training checkpoint (never ``best.pth``) that continues furthest along: the
-    ``<prefix>N.pth`` files holding the ``required`` entries, and with the epoch prefix also the
-    step checkpoints inside epochs (which hold ``step`` too). Damaged ones are reported with their
-    path and reason, and skipped."""
-    candidates = [((number + 1, 0), path) for number, path in numbered_checkpoints(output_dir, prefix)]
-    if prefix == EPOCH_CHECKPOINT_PREFIX:
-        candidates += step_checkpoints(output_dir)
+    ``<prefix>N.pth`` files and the step checkpoints of ``family`` that hold its required
+    entries. Damaged ones are reported with their path and reason, and skipped."""
+    candidates = [((number + family.numbered_offset, 0), path) for number, path in numbered_checkpoints(output_dir, family.prefix)]
+    candidates += [((numbers + (0,))[:2], path) for numbers, path in step_checkpoints(output_dir, family)]
     for _, path in sorted(candidates, reverse=True):
         try:
             checkpoint = load_checkpoint_file(path, trust)
-            is_step = STEP_CHECKPOINT_PATTERN.search(os.path.basename(path)) is not None
-            for key in required + (("step",) if is_step else ()):
+            is_step = family.step_pattern.search(os.path.basename(path)) is not None
+            for key in family.required + (family.step_required if is_step else ()):
                 if key not in checkpoint:
                     raise UserError(f"{path} lacks the '{key}' entry of a training checkpoint")
             return path, checkpoint
@@ -337,12 +358,12 @@ def newest_loadable_checkpoint(output_dir: str, logger: logging.Logger, trust: b
     return None
 
 
-def prune_checkpoints(output_dir: str, keep: int) -> list[str]:
-    """Delete all but the newest ``keep`` ``ckpt_epoch_N.pth`` files (``keep`` 0 keeps all);
-    ``best.pth`` is not an epoch checkpoint and stays. Returns the deleted paths."""
+def prune_checkpoints(output_dir: str, keep: int, family: CheckpointFamily = EPOCH_CHECKPOINTS) -> list[str]:
+    """Delete all but the newest ``keep`` ``<prefix>N.pth`` files (``keep`` 0 keeps all);
+    ``best.pth`` and step checkpoints are not among them and stay. Returns the deleted paths."""
     if keep <= 0:
         return []
-    deleted = [path for _, path in epoch_checkpoints(output_dir)[keep:]]
+    deleted = [path for _, path in numbered_checkpoints(output_dir, family.prefix)[keep:]]
     for path in deleted:
         os.remove(path)
     return deleted
@@ -351,7 +372,6 @@ def prune_checkpoints(output_dir: str, keep: int) -> list[str]:
 # ----------------------------------------------------------------------------- the authors' utils.py API
 # Their names, signatures and return values, on top of the functions above: checkpoints are read
 # without running code and must fit the model exactly, and are written crash-safe.
-BEST_CHECKPOINT = "best.pth"
 LAST_CHECKPOINT = "last.pth"  # the CrossFormer++ code's checkpoint of the newest epoch
 TRAINING_ENTRIES = ("model", "optimizer", "lr_scheduler", "epoch")
 

@@ -1,5 +1,5 @@
 """What a step checkpoint costs: seconds to write (and to read back) the full training state of a
-model with its AdamW state, as main.py saves it (crash-safe: temporary file, fsync, rename).
+model with its AdamW state, as the run core saves it (crash-safe: temporary file, fsync, rename).
 
     python benchmarks/step_checkpoint.py [--cfg configs/crossformer/tiny_patch4_group7_224.yaml]
         [--ema] [--repeats 5] [--dir FOLDER]
@@ -10,6 +10,7 @@ The optimizer state is filled by one AdamW step on random gradients (no forward 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import statistics
 import sys
@@ -25,11 +26,11 @@ from timm.utils import ModelEmaV3  # noqa: E402
 
 from config import load_config  # noqa: E402
 from lr_scheduler import build_scheduler  # noqa: E402
-from main import training_state  # noqa: E402
 from models import build_model  # noqa: E402
 from optimizer import build_optimizer  # noqa: E402
 from runtime import Precision  # noqa: E402
-from utils import load_checkpoint_file, write_checkpoint, step_checkpoint_path  # noqa: E402
+from training import BestModel, EpochSchedule, TrainingRun  # noqa: E402
+from utils import DistInfo, load_checkpoint_file, step_checkpoint_path, write_checkpoint  # noqa: E402
 
 
 def main() -> None:
@@ -50,14 +51,18 @@ def main() -> None:
     optimizer.step()
     ema = ModelEmaV3(model, decay=config.MODEL_EMA_DECAY) if args.ema else None
     precision = Precision(config, torch.device("cpu"))
+    schedule = EpochSchedule(config, 2000)
+    run = TrainingRun(config, DistInfo(0, 1, 0, torch.device("cpu")), logging.getLogger("benchmark"), schedule, model,
+                      optimizer, precision, scheduler.step_update, BestModel("acc1", "max_accuracy", "max_accuracy", "", str),
+                      scheduler, ema)
 
     with tempfile.TemporaryDirectory(dir=args.dir or None) as folder:
         path = step_checkpoint_path(folder, 3, 1234)
         save_times, load_times = [], []
         for _ in range(args.repeats):
             start = time.perf_counter()
-            state = {**training_state(config, model, optimizer, scheduler, precision, ema, 3, 0.0),
-                     "step": 1234, "epoch_sums": {"loss_sum": 0.0, "grad_norm_sum": 0.0}}
+            state = run.checkpoint({**schedule.step_entries(3 * 2000 + 1234, False),
+                                    "epoch_sums": {"loss_sum": 0.0, "grad_norm_sum": 0.0}})
             write_checkpoint(state, path)
             save_times.append(time.perf_counter() - start)
             start = time.perf_counter()

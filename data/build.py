@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from typing import Callable, Iterator, Optional
 
-import torch
 import torch.distributed as dist
 from timm.data import Mixup, create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -18,9 +17,8 @@ from yacs.config import CfgNode
 from config import UserError
 from data.digits import ensure_digits_folder
 from data.folder import build_folder_dataset, check_data_path, find_val_split
-from data.resumable import ResumableSampler, SeededDataset
+from data.resumable import loader_options, resumable_loader
 from data.zip_dataset import ZipImageDataset
-from runtime import ignore_stop_signals
 
 DATASETS = ("imagenet", "digits", "fake")
 SMALL_IMAGE_SIZE = 32  # at or below: CIFAR-style pad-and-crop instead of resizing crops
@@ -184,17 +182,7 @@ def build_loader(config: CfgNode, rank: Optional[int] = None, world_size: Option
     """
     rank, world_size = process_share(rank, world_size)
     dataset_train, dataset_val = build_datasets(config, rank, world_size)
-    batch_size = config.DATA.BATCH_SIZE
-    sampler_train = ResumableSampler(dataset_train, world_size, rank, config.SEED)
-    if len(sampler_train) < batch_size:
-        raise UserError(f"DATA.BATCH_SIZE {batch_size} is larger than the {len(sampler_train)} "
-                        f"training images per process ({len(dataset_train)} images, "
-                        f"{world_size} processes)")
-    loader_options = dict(batch_size=batch_size, num_workers=config.DATA.NUM_WORKERS,
-                          pin_memory=config.DATA.PIN_MEMORY and torch.cuda.is_available(),
-                          persistent_workers=False, worker_init_fn=ignore_stop_signals)
-    loader_train = DataLoader(SeededDataset(dataset_train), sampler=sampler_train, drop_last=True,
-                              **loader_options)
-    loader_val = DataLoader(dataset_val, sampler=ShardSampler(len(dataset_val), rank, world_size),
-                            shuffle=False, drop_last=False, **loader_options)
+    loader_train = resumable_loader(dataset_train, config, rank, world_size)
+    loader_val = DataLoader(dataset_val, sampler=ShardSampler(len(dataset_val), rank, world_size), shuffle=False,
+                            drop_last=False, **loader_options(config))
     return dataset_train, dataset_val, loader_train, loader_val, build_mixup(config)

@@ -1,4 +1,4 @@
-"""ADE20K-layout datasets and the samplers of the iteration-based trainer.
+"""ADE20K-layout datasets and their loaders.
 
 Layout: ``ROOT/images/{training,validation}/NAME.jpg`` and ``ROOT/annotations/{...}/NAME.png``
 (any image suffix among .jpg/.jpeg/.png; annotations are 8-bit PNGs of class numbers).
@@ -6,17 +6,17 @@ Layout: ``ROOT/images/{training,validation}/NAME.jpg`` and ``ROOT/annotations/{.
 from __future__ import annotations
 
 import os
-from typing import Iterator
-
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from yacs.config import CfgNode
 
 from config import UserError
+from data.build import ShardSampler
 from data.images import UnreadableImageError, load_image_file
+from data.resumable import loader_options, resumable_loader
 from segmentation.pipeline import reduce_zero_label, train_transform
 
 SPLITS = {True: "training", False: "validation"}
@@ -51,8 +51,9 @@ def list_pairs(root: str, split: str) -> list[tuple[str, str]]:
 
 
 class SegmentationDataset(Dataset):
-    """One ADE20K-layout split. Training items are looked up by ``(index, seed)`` and return the
-    augmented ``(image, label)`` crop; evaluation items by index, returning the uint8 ``(3, H, W)``
+    """One ADE20K-layout split. Training items are looked up by ``(index, seed)`` (the keys of
+    data/resumable.py's sampler) and return the ``(image, label)`` crop augmented by a generator
+    of that seed; evaluation items by index, returning the uint8 ``(3, H, W)``
     image and the ``(H, W)`` label at the original size."""
 
     def __init__(self, root: str, is_train: bool, config: CfgNode):
@@ -98,33 +99,6 @@ class SegmentationDataset(Dataset):
                 torch.from_numpy(np.asarray(label).astype(np.int64)))
 
 
-class IterationSampler(Sampler):
-    """``(index, seed)`` of this rank's training samples for iterations ``start`` .. ``stop``-1.
-
-    Global sample ``k = (iteration * world_size + rank) * batch_size + j`` is item ``k % n`` of
-    pass ``k // n`` over a permutation drawn from ``(seed, pass)``, and is augmented with
-    generator seed ``(seed, k)``: a run resumed at any iteration sees exactly the samples and
-    augmentations it would have seen without stopping.
-    """
-
-    def __init__(self, size: int, batch_size: int, rank: int, world_size: int, seed: int, start: int, stop: int):
-        self.size, self.batch_size, self.rank, self.world_size = size, batch_size, rank, world_size
-        self.seed, self.start, self.stop = seed, start, stop
-
-    def __len__(self) -> int:
-        return max(0, self.stop - self.start) * self.batch_size
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        order, order_pass = None, -1
-        for iteration in range(self.start, self.stop):
-            for j in range(self.batch_size):
-                k = (iteration * self.world_size + self.rank) * self.batch_size + j
-                if k // self.size != order_pass:
-                    order_pass = k // self.size
-                    order = np.random.default_rng([self.seed, order_pass]).permutation(self.size)
-                yield int(order[k % self.size]), int(np.random.default_rng([self.seed, k, 1]).integers(2 ** 63))
-
-
 def find_dataset_root(config: CfgNode) -> str:
     """DATA.DATA_PATH for 'ade20k'; the generated folder for 'digit_scenes'."""
     if config.DATA.DATASET not in DATASETS:
@@ -139,17 +113,15 @@ def find_dataset_root(config: CfgNode) -> str:
     return config.DATA.DATA_PATH
 
 
-def build_train_loader(config: CfgNode, root: str, rank: int, world_size: int, start: int) -> DataLoader:
-    """Batches of augmented crops for iterations ``start`` .. SEG.MAX_ITERS-1 of this rank."""
-    dataset = SegmentationDataset(root, True, config)
-    sampler = IterationSampler(len(dataset), config.DATA.BATCH_SIZE, rank, world_size, config.SEED,
-                               start, config.SEG.MAX_ITERS)
-    return DataLoader(dataset, batch_size=config.DATA.BATCH_SIZE, sampler=sampler, drop_last=True,
-                      num_workers=config.DATA.NUM_WORKERS, pin_memory=config.DATA.PIN_MEMORY)
+def build_train_loader(config: CfgNode, root: str, rank: int, world_size: int) -> DataLoader:
+    """Batches of augmented crops for this rank: the run core's resumable loader, whose passes
+    over the data the iterations run through (a pass shuffled by SEED and its number, each crop
+    augmented by a generator seeded from SEED, pass and image), so a run resumed at any
+    iteration sees the samples and augmentations it would have seen without stopping."""
+    return resumable_loader(SegmentationDataset(root, True, config), config, rank, world_size, seeded=False)
 
 
 def build_val_loader(config: CfgNode, root: str, rank: int, world_size: int) -> DataLoader:
     """One image a batch; rank r takes images r, r + world_size, ... (none twice, none left out)."""
     dataset = SegmentationDataset(root, False, config)
-    indices = list(range(rank, len(dataset), world_size))
-    return DataLoader(dataset, batch_size=1, sampler=indices, num_workers=config.DATA.NUM_WORKERS)
+    return DataLoader(dataset, sampler=ShardSampler(len(dataset), rank, world_size), **loader_options(config, 1))

@@ -1,11 +1,9 @@
-"""The iteration loop (train, checkpoint, evaluate) and inference (single-scale or multi-scale
-with flip, whole images after the align resize)."""
+"""Segmentation's own parts of training: the poly learning rate, and inference (single-scale or
+multi-scale with flip, whole images after the align resize) for evaluation (the loop is the run
+core's, training.py)."""
 from __future__ import annotations
 
-import datetime
 import logging
-import os
-import time
 from typing import Iterable, Sequence
 
 import torch
@@ -14,16 +12,10 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from yacs.config import CfgNode
 
-from logger import JsonLinesWriter
-from runtime import Precision, check_finite, optimizer_step
+from runtime import Precision
 from segmentation.align_resize import aligned_resize_size
-from segmentation.losses import SegmentationLoss
 from segmentation.metrics import SegmentationMeter, format_table
 from segmentation.pipeline import normalize
-from utils import DistInfo, epoch_seed, write_checkpoint, seed_everything
-
-CHECKPOINT_PREFIX = "ckpt_iter_"  # ckpt_iter_N.pth: the state after N iterations
-CHECKPOINT_ENTRIES = ("model", "optimizer", "iteration")
 
 
 def poly_learning_rate(config: CfgNode, iteration: int) -> float:
@@ -37,71 +29,10 @@ def poly_learning_rate(config: CfgNode, iteration: int) -> float:
     return rate
 
 
-def train(config: CfgNode, dist_info: DistInfo, model: nn.Module, model_without_ddp: nn.Module, loader: Iterable,
-          val_loader: Iterable, optimizer: Optimizer, precision: Precision, start: int, best_miou: float,
-          logger: logging.Logger) -> None:
-    """Iterations ``start`` .. SEG.MAX_ITERS-1: every iteration seeds dropout/drop-path from
-    (SEED, iteration, rank) and takes one optimizer step; checkpoints every
-    SEG.CHECKPOINT_INTERVAL and evaluations every SEG.EVAL_INTERVAL iterations (and at the end)."""
-    seg, device = config.SEG, dist_info.device
-    criterion = SegmentationLoss(seg.AUX_WEIGHT, seg.IGNORE_INDEX)
-    metrics = JsonLinesWriter(config.OUTPUT, dist_info.rank)
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    bad_step = torch.full((), -1, device=device)
-    losses_counted = 0
-    model.train()
-    logger.info(f"Start training at iteration {start} of {seg.MAX_ITERS}")
-    start_time = last_time = time.time()
-    for iteration, (images, labels) in enumerate(loader, start):
-        seed_everything(epoch_seed(config.SEED, iteration, dist_info.rank))
-        for group in optimizer.param_groups:
-            group["lr"] = poly_learning_rate(config, iteration)
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with precision.autocast():
-            loss = criterion(model(images), labels)
-        precision.scaler.scale(loss).backward()
-        grad_norm = optimizer_step(model, optimizer, precision, config.TRAIN.CLIP_GRAD)
-        loss = loss.detach().float()
-        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), iteration, bad_step)
-        loss_sum += loss
-        losses_counted += 1
-        done = iteration + 1
-        if done % config.PRINT_FREQ == 0 or done == seg.MAX_ITERS:
-            check_finite(bad_step, "iteration")
-            seconds = (time.time() - start_time) / (done - start)
-            eta = datetime.timedelta(seconds=int(seconds * (seg.MAX_ITERS - done)))
-            logger.info(f"Iter [{done}/{seg.MAX_ITERS}]\teta {eta} lr {optimizer.param_groups[0]['lr']:.3e}\t"
-                        f"time {(time.time() - last_time) / config.PRINT_FREQ:.4f}\tloss {loss.item():.4f} "
-                        f"({loss_sum.item() / losses_counted:.4f})\tgrad_norm {grad_norm.item():.4f}")
-            last_time = time.time()
-        last = done == seg.MAX_ITERS
-        improved = False
-        if done % seg.EVAL_INTERVAL == 0 or last:
-            check_finite(bad_step, "iteration")
-            summary = evaluate(model_without_ddp, val_loader, config, precision, device, logger)
-            improved = summary["mIoU"] > best_miou
-            best_miou = max(best_miou, summary["mIoU"])
-            metrics.write({"iteration": done, "train_loss": loss_sum.item() / losses_counted,
-                           "mIoU": summary["mIoU"], "mAcc": summary["mAcc"], "aAcc": summary["aAcc"],
-                           "best_mIoU": best_miou, "lr": optimizer.param_groups[0]["lr"],
-                           "seconds": round(time.time() - start_time, 1)})
-            loss_sum.zero_()
-            losses_counted = 0
-            model.train()
-        periodic = done % seg.CHECKPOINT_INTERVAL == 0 or last
-        if dist_info.is_main and (periodic or improved):
-            check_finite(bad_step, "iteration")
-            state = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scaler": precision.scaler.state_dict(), "iteration": done, "best_miou": best_miou,
-                     "config": config.dump()}
-            if periodic:
-                path = os.path.join(config.OUTPUT, f"{CHECKPOINT_PREFIX}{done}.pth")
-                write_checkpoint(state, path)
-                logger.info(f"{path} saved")
-            if improved:
-                write_checkpoint(state, os.path.join(config.OUTPUT, "best.pth"))
-    check_finite(bad_step, "iteration")
-    logger.info(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+def set_poly_learning_rate(optimizer: Optimizer, config: CfgNode, iteration: int) -> None:
+    """Every parameter group trains iteration ``iteration`` at ``poly_learning_rate``."""
+    for group in optimizer.param_groups:
+        group["lr"] = poly_learning_rate(config, iteration)
 
 
 @torch.no_grad()

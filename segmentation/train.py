@@ -5,6 +5,10 @@ iteration by iteration, on one CPU/GPU or many (torchrun).
     torchrun --nproc_per_node 8 segmentation/train.py --cfg configs/segmentation/fpn_crossformer_s_ade20k_80k.yaml \
         --data-path ADE_ROOT --pretrained crossformer-s.pth --output output
     python segmentation/train.py --cfg ... --data-path ADE_ROOT --eval --resume CKPT [--aug-test]
+
+Segmentation's own parts (data, model, loss, poly schedule, mIoU evaluation) are in
+segmentation/; the training loop, checkpoints, resume and stop signals are the run core's
+(training.py), counted in iterations.
 """
 from __future__ import annotations
 
@@ -16,18 +20,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import argparse  # noqa: E402
 
 from torch import nn  # noqa: E402
-from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from yacs.config import CfgNode  # noqa: E402
 
-from config import UserError, get_config  # noqa: E402
-from logger import create_logger  # noqa: E402
+from config import UserError  # noqa: E402
 from optimizer import build_optimizer  # noqa: E402
-from runtime import Precision, add_common_arguments, launch, setup_run  # noqa: E402
+from runtime import Precision, add_common_arguments, run_configured, setup_run  # noqa: E402
 from segmentation.dataset import build_train_loader, build_val_loader, find_dataset_root  # noqa: E402
-from segmentation.engine import CHECKPOINT_ENTRIES, CHECKPOINT_PREFIX, evaluate, train  # noqa: E402
-from segmentation.heads import SegmentationModel, build_segmentation_model  # noqa: E402
-from utils import (DistInfo, load_checkpoint_file, load_weights, model_state,  # noqa: E402
-                   newest_loadable_checkpoint)
+from segmentation.engine import evaluate, set_poly_learning_rate  # noqa: E402
+from segmentation.heads import build_segmentation_model  # noqa: E402
+from segmentation.losses import SegmentationLoss  # noqa: E402
+from training import (BestModel, IterationSchedule, TrainingRun, distributed, load_backbone_weights,  # noqa: E402
+                      load_run_weights, supervised_losses)
+from utils import ITERATION_CHECKPOINTS  # noqa: E402
+
+SCORES = ("mIoU", "mAcc", "aAcc")  # what an evaluation during training records
 
 
 def parse_option(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,80 +44,57 @@ def parse_option(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_backbone_weights(model: SegmentationModel, path: str, trust: bool) -> None:
-    """ImageNet weights of the backbone from a classification checkpoint or model file (its
-    classifier and final norm, which segmentation does not use, are left out)."""
-    state = model_state(load_checkpoint_file(path, trust), path)
-    state = {k: v for k, v in state.items() if not k.startswith(("head.", "norm."))}
-    load_weights(model.backbone, state, path)
-
-
-def main(config: CfgNode, dist_info: DistInfo, aug_test: bool = False) -> dict | None:
-    """Build data and model, resume, then evaluate (``--eval``; returns the summary) or train."""
-    device = dist_info.device
-    logger = create_logger(config.OUTPUT, dist_info.rank)
-    if dist_info.is_main:
-        with open(os.path.join(config.OUTPUT, "config.yaml"), "w") as f:
-            f.write(config.dump())
-    logger.info(f"world size {dist_info.world_size}, device {device}, output {config.OUTPUT}")
+def main(config: CfgNode, aug_test: bool = False) -> dict | None:
+    """Set the run up, build data and model, then evaluate (``--eval``; returns the summary) or
+    train from where the run stopped."""
+    if aug_test and not config.EVAL_MODE:
+        raise UserError("--aug-test applies to evaluation: add --eval --resume CKPT, or use segmentation/test.py")
     if config.COMPILE:
         raise UserError("COMPILE (--compile): torch.compile is used by main.py (classification) only, not by segmentation")
+    dist_info, logger = setup_run(config)
+    device = dist_info.device
     root = find_dataset_root(config)
     val_loader = build_val_loader(config, root, dist_info.rank, dist_info.world_size)
-
     model = build_segmentation_model(config)
     logger.info(f"model {config.MODEL.NAME} ({config.SEG.HEAD}): "
                 f"{sum(p.numel() for p in model.parameters()):,} parameters")
     if config.MODEL.PRETRAINED and not config.MODEL.RESUME:
-        load_backbone_weights(model, config.MODEL.PRETRAINED, config.TRUST_CHECKPOINTS)
+        load_backbone_weights(model.backbone, config.MODEL.PRETRAINED, config.TRUST_CHECKPOINTS)
         logger.info(f"loaded backbone weights from {config.MODEL.PRETRAINED}")
     if dist_info.world_size > 1 and device.type == "cuda":  # torch's SyncBatchNorm trains on GPUs only
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
-    model_without_ddp = model
     precision = Precision(config, device)
     logger.info(f"precision: {precision}")
-    optimizer = build_optimizer(config, model_without_ddp)
-
-    resume, found = config.MODEL.RESUME, None
-    if config.TRAIN.AUTO_RESUME and not config.EVAL_MODE:
-        found = newest_loadable_checkpoint(config.OUTPUT, logger, config.TRUST_CHECKPOINTS,
-                                           prefix=CHECKPOINT_PREFIX, required=CHECKPOINT_ENTRIES)
-        if found:
-            resume = found[0]
-    start, best_miou = 0, 0.0
-    if resume:
-        checkpoint = found[1] if found else load_checkpoint_file(resume, config.TRUST_CHECKPOINTS)
-        load_weights(model_without_ddp, model_state(checkpoint, resume), resume)
-        logger.info(f"loaded weights from {resume}")
-        if not config.EVAL_MODE and "optimizer" in checkpoint:
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            if "scaler" in checkpoint:
-                precision.scaler.load_state_dict(checkpoint["scaler"])
-            start, best_miou = checkpoint["iteration"], checkpoint.get("best_miou", 0.0)
-            logger.info(f"resuming training at iteration {start}")
-
     if config.EVAL_MODE:
-        return evaluate(model_without_ddp, val_loader, config, precision, device, logger, aug_test)
-    if dist_info.world_size > 1:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    train_loader = build_train_loader(config, root, dist_info.rank, dist_info.world_size, start)
-    train(config, dist_info, model, model_without_ddp, train_loader, val_loader, optimizer, precision,
-          start, best_miou, logger)
+        load_run_weights(config, logger, model, ITERATION_CHECKPOINTS)
+        return evaluate(model, val_loader, config, precision, device, logger, aug_test)
+
+    trained = distributed(model, device) if dist_info.world_size > 1 else model
+    optimizer = build_optimizer(config, model)
+    train_loader = build_train_loader(config, root, dist_info.rank, dist_info.world_size)
+    best = BestModel("mIoU", "best_miou", "best_mIoU", "Max mIoU: {:.2%}",
+                     lambda r: f"mIoU {100 * r['mIoU']:.2f}% (mAcc {100 * r['mAcc']:.2f}%, aAcc {100 * r['aAcc']:.2f}%)")
+    run = TrainingRun(config, dist_info, logger, IterationSchedule(config, len(train_loader)), trained, optimizer,
+                      precision, lambda updates: set_poly_learning_rate(optimizer, config, updates), best)
+    resumed_from = run.restore()
+    if run.complete:
+        logger.info(run.schedule.complete(resumed_from))
+        return None
+
+    def evaluate_scores() -> dict[str, float]:
+        summary = evaluate(model, val_loader, config, precision, device, logger)
+        return {key: summary[key] for key in SCORES}
+
+    criterion = SegmentationLoss(config.SEG.AUX_WEIGHT, config.SEG.IGNORE_INDEX)
+    run.fit(train_loader, supervised_losses(trained, criterion, device), evaluate_scores)
     return None
 
 
 def run(argv: list[str] | None = None) -> int:
     """Entry point: returns the exit code; bad input is one line on stderr and exit code 2."""
     args = parse_option(argv)
-
-    def job() -> None:
-        if args.aug_test and not args.eval:
-            raise UserError("--aug-test applies to evaluation: add --eval --resume CKPT, or use segmentation/test.py")
-        config = get_config(args)
-        main(config, setup_run(config), args.aug_test)
-
-    return launch(job)
+    return run_configured(args, main, args.aug_test)
 
 
 if __name__ == "__main__":

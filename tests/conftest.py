@@ -1,9 +1,16 @@
 import os
+import re
 import signal
+import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -122,3 +129,107 @@ def process_state_kept():
     changed = changed_entries(before, process_state())
     if changed:
         pytest.fail("the test module left process-wide state changed: " + "; ".join(changed), pytrace=False)
+# ----------------------------------------------------------------------------- shared by the training tests
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def training_environment() -> dict:
+    """A trainer subprocess's environment: one torch thread, unbuffered output, no launcher's variables."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+class TrainingProcess:
+    """One launch of a training command (``args`` after the Python executable) whose run log is
+    followed for progress markers. Its output goes to files, so a long run never blocks on a
+    full pipe; it runs in a session of its own (a signal to its group reaches its workers, as a
+    terminal's Ctrl-C does)."""
+
+    def __init__(self, args, run_dir, log_name="log_rank0.txt"):
+        self.log = Path(run_dir) / log_name
+        self.seen = self.log.read_text() if self.log.exists() else ""
+        self.stdout, self.stderr = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        self.process = subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, stdout=self.stdout,
+                                        stderr=self.stderr, text=True, env=training_environment(),
+                                        start_new_session=True)
+
+    def new_log(self) -> str:
+        text = self.log.read_text() if self.log.exists() else ""
+        return text[len(self.seen):]
+
+    def output(self) -> tuple[str, str]:
+        for stream in (self.stdout, self.stderr):
+            stream.seek(0)
+        return self.stdout.read(), self.stderr.read()
+
+    def wait_for(self, pattern: str, accept=lambda match: True, timeout: float = 300) -> re.Match:
+        """Wait until this launch's log has a match of ``pattern`` that ``accept`` takes; return it."""
+        deadline = time.time() + timeout
+        while True:
+            found = [match for match in re.finditer(pattern, self.new_log()) if accept(match)]
+            if found:
+                return found[-1]
+            assert self.process.poll() is None, f"run ended early:\n{self.output()[1][-3000:]}"
+            assert time.time() < deadline, f"{pattern!r} did not appear in time"
+            time.sleep(0.05)
+
+    def stop(self, signum: int, group: bool = False, timeout: float = 120) -> tuple[int, str, str, float]:
+        """Send ``signum`` (to the whole process group if ``group``); return the exit code,
+        stdout, stderr and the seconds until the process ended."""
+        sent = time.time()
+        if group:
+            os.killpg(self.process.pid, signum)
+        else:
+            self.process.send_signal(signum)
+        self.process.wait(timeout=timeout)
+        return (self.process.returncode, *self.output(), time.time() - sent)
+
+    def finish(self, timeout: float = 600) -> str:
+        self.process.wait(timeout=timeout)
+        stdout, stderr = self.output()
+        assert self.process.returncode == 0, stderr[-3000:]
+        return stdout
+
+
+def assert_bit_identical(path, reference, keys=("model",)) -> None:
+    """The ``keys`` weights of two checkpoints are equal to the bit."""
+    from utils import load_checkpoint_file
+
+    ours, theirs = load_checkpoint_file(str(path)), load_checkpoint_file(str(reference))
+    for key in keys:
+        assert ours[key].keys() == theirs[key].keys()
+        for name in ours[key]:
+            assert torch.equal(ours[key][name], theirs[key][name]), (key, name)
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory) -> str:
+    """A small copy of the bundled digits detection set: 16 train and 8 val images."""
+    import detection.digits_coco as digits_coco
+
+    sizes = dict(digits_coco.SPLIT_IMAGES)
+    digits_coco.SPLIT_IMAGES.update(train=16, val=8)
+    try:
+        return digits_coco.ensure_digits_coco(str(tmp_path_factory.mktemp("data") / "digits_coco"))
+    finally:
+        digits_coco.SPLIT_IMAGES.update(sizes)
+
+
+def write_ade(root, images: int = 4, size=(40, 32), classes: int = 4, seed: int = 0) -> str:
+    """A small ADE20K-layout folder: squares of class 1..classes on 0 ("other") backgrounds,
+    coloured by class so that they can be learned."""
+    rng = np.random.default_rng(seed)
+    for split in ("training", "validation"):
+        os.makedirs(os.path.join(root, "images", split))
+        os.makedirs(os.path.join(root, "annotations", split))
+        for n in range(images):
+            label = np.full(size[::-1], 1, np.uint8)
+            label[:4] = 0
+            for c in range(2, classes + 1):
+                top, left = rng.integers(0, size[1] - 10), rng.integers(0, size[0] - 10)
+                label[top:top + 10, left:left + 10] = c
+            colours = np.array([[0, 0, 0], [60, 60, 60], [250, 30, 30], [30, 250, 30], [30, 30, 250]], np.uint8)
+            Image.fromarray(colours[label]).save(os.path.join(root, "images", split, f"{n}.jpg"), quality=98)
+            Image.fromarray(label).save(os.path.join(root, "annotations", split, f"{n}.png"))
+    return str(root)

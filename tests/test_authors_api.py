@@ -139,7 +139,7 @@ def test_documents_t_and_s_settings_are_not_the_released_models(size):
 # ----------------------------------------------------------------------------- models, data, optimizer, scheduler
 def test_build_model_takes_the_authors_args(digits_dir):
     config = digits_config(digits_dir)
-    args = main.parse_option(["--cfg", DEMO])
+    args = main.build_parser().parse_args(["--cfg", DEMO])
     torch.manual_seed(0)
     model = build_model(config, args)
     torch.manual_seed(0)
@@ -415,7 +415,7 @@ def test_checkpoints_of_save_checkpoint_and_main_py_are_interchangeable(digits_d
     main_checkpoint = str(run_dir / "main" / "ckpt_epoch_0.pth")
     record = json.loads((run_dir / "main" / "metrics.jsonl").read_text().splitlines()[-1])
 
-    config = get_config(main.parse_option(demo_args(digits_dir, tmp_path, "api", 2)
+    config = get_config(main.build_parser().parse_args(demo_args(digits_dir, tmp_path, "api", 2)
                                           + ["MODEL.RESUME", main_checkpoint]))
     model = build_model(config)
     optimizer = build_optimizer(config, model)
@@ -447,7 +447,7 @@ OFFICIAL_PP_ONLY = [
 
 def test_every_official_flag_lands_in_its_key(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    args = main.parse_option(["--cfg", "configs/tiny_patch4_group7_224.yaml", *OFFICIAL_ICLR_COMMAND,
+    args = main.build_parser().parse_args(["--cfg", "configs/tiny_patch4_group7_224.yaml", *OFFICIAL_ICLR_COMMAND,
                               *OFFICIAL_PP_ONLY])
     config = get_config(args)
     assert (config.DATA.BATCH_SIZE, config.DATA.DATASET, config.DATA.DATA_PATH, config.DATA.ZIP_MODE,
@@ -467,7 +467,7 @@ def test_flags_not_given_leave_the_config_file_alone(tmp_path):
     --data-set imagenet, --tag debug, ...) overwrote the file; here a flag not given changes nothing."""
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("BASE: ['" + os.path.join(ROOT, DEMO) + "']\nTRAIN:\n  WEIGHT_DECAY: 0.02\n  MIN_LR: 3.0e-5\n")
-    config = get_config(main.parse_option(["--cfg", str(cfg)]))
+    config = get_config(main.build_parser().parse_args(["--cfg", str(cfg)]))
     demo = load_config(DEMO)
     assert (config.TRAIN.EPOCHS, config.TRAIN.WARMUP_EPOCHS, config.TRAIN.BASE_LR, config.TRAIN.WARMUP_LR) == \
         (demo.TRAIN.EPOCHS, demo.TRAIN.WARMUP_EPOCHS, demo.TRAIN.BASE_LR, demo.TRAIN.WARMUP_LR)
@@ -507,7 +507,7 @@ def test_official_flags_we_cannot_honour_are_one_line_errors(flags, message, cap
 
 
 def test_ignored_flags_matching_the_config_are_accepted():
-    args = main.parse_option(["--cfg", "configs/tiny_patch4_group7_224.yaml", "--use_cpe", "--group_type", "constant",
+    args = main.build_parser().parse_args(["--cfg", "configs/tiny_patch4_group7_224.yaml", "--use_cpe", "--group_type", "constant",
                               "--opts", "MODEL.CROS.USE_CPE", "True"])
     assert get_config(args).MODEL.CROS.USE_CPE is True
 
@@ -523,7 +523,7 @@ def test_readme_eval_command_through_torch_distributed_launch(layout, digits_dir
     32x32, with weights written by save_checkpoint: one gloo rank on the CPU (``--standalone``: a free
     port, beside other tests)."""
     sized = ["--data-set", "digits", "--img_size", "32", "--num_workers", "0", "--opts", "MODEL.NUM_CLASSES", "10"]
-    config = get_config(main.parse_option(["--cfg", layout, "--batch-size", "128", "--data-path", digits_dir,
+    config = get_config(main.build_parser().parse_args(["--cfg", layout, "--batch-size", "128", "--data-path", digits_dir,
                                            "--output", str(tmp_path), *sized]))
     torch.manual_seed(0)
     model = build_model(config)

@@ -16,7 +16,6 @@ import main
 import runtime
 from config import UserError, load_config
 from models import build_model
-from utils import DistInfo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CFG = os.path.join(REPO, "configs", "demo", "digits.yaml")
@@ -140,7 +139,7 @@ def test_compile_flag_throughput(eager_backend_in_main, tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
     assert eager_backend_in_main == [(eager_backend_in_main[0][0], True)] and counters["stats"]["unique_graphs"] == 1
-    assert re.search(r"throughput averaged over \d+ passes, precision: float32 \(AMP_OPT_LEVEL O0\)", out)
+    assert re.search(r"throughput over \d+ rounds of \d+ passes, precision float32 \(AMP_OPT_LEVEL O0\)", out)
     assert re.search(r"batch_size 16 throughput \d+\.\d images/s", out)
 
 
@@ -153,4 +152,5 @@ def test_dense_trainers_refuse_compile(script, tmp_path):
     config = load_config(os.path.join(REPO, "configs", script, "demo_digits.yaml"),
                          ["COMPILE", True, "OUTPUT", str(tmp_path)])
     with pytest.raises(UserError, match=rf"^COMPILE \(--compile\): .* not by {script}$"):
-        trainer.main(config, DistInfo(0, 1, 0, torch.device("cpu")))
+        trainer.main(config)
+    assert os.listdir(tmp_path) == []  # refused before the run folder is made

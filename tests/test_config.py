@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from config import UserError, get_config, get_default_config, load_config
-from main import parse_option, scale_learning_rates
+from main import build_parser, scale_learning_rates
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "crossformer", "tiny_patch4_group7_224.yaml")
@@ -59,7 +59,7 @@ def test_bad_config_is_a_user_error_naming_the_culprit(tmp_path, content, opts, 
 
 def test_main_flags_land_in_the_official_keys(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    args = parse_option(["--cfg", TINY, "--batch-size", "32", "--data-path", "/data", "--zip", "--cache-mode", "full",
+    args = build_parser().parse_args(["--cfg", TINY, "--batch-size", "32", "--data-path", "/data", "--zip", "--cache-mode", "full",
                          "--accumulation-steps", "4", "--use-checkpoint", "--amp-opt-level", "O0", "--amp-dtype",
                          "bfloat16", "--epochs", "9", "--lr", "0.001", "--seed", "5", "--tag", "t", "--eval",
                          "--resume", "ckpt.pth", "--local-rank", "3", "--opts", "MODEL.NUM_CLASSES", "100"])
@@ -139,7 +139,7 @@ def test_every_official_key_at_its_default_loads_and_differences_are_documented(
 def test_unimplemented_official_keys_only_take_their_default(tmp_path, key, value):
     with pytest.raises(UserError, match=rf"^{re.escape(key)} is .*not implemented here; only the official default"):
         load_config(TINY, [key, value])
-    args = parse_option(["--cfg", TINY, "--opts", key, str(value)])
+    args = build_parser().parse_args(["--cfg", TINY, "--opts", key, str(value)])
     with pytest.raises(UserError, match=re.escape(key)):
         get_config(args)
 
@@ -151,6 +151,6 @@ def test_amp_opt_levels():
     for level in ("", "native", "O1", "O2"):
         assert Precision(load_config(TINY, ["AMP_OPT_LEVEL", level, "AMP_DTYPE", "bfloat16"]), device).enabled
     assert not Precision(load_config(TINY, ["AMP_OPT_LEVEL", "O0", "AMP_DTYPE", "bfloat16"]), device).enabled
-    assert parse_option(["--cfg", TINY, "--amp-opt-level", "native"]).amp_opt_level == "native"
+    assert build_parser().parse_args(["--cfg", TINY, "--amp-opt-level", "native"]).amp_opt_level == "native"
     with pytest.raises(UserError, match="AMP_OPT_LEVEL must be one of .*got 'O3'"):
         Precision(load_config(TINY, ["AMP_OPT_LEVEL", "O3"]), device)

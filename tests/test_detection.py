@@ -20,7 +20,6 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-import detection.digits_coco as digits_coco
 from config import UserError, load_config
 from detection import engine
 from detection.backbone import build_backbone
@@ -41,17 +40,6 @@ pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:Deprec
               pytest.mark.usefixtures("one_thread")]
 PAPER_PARAMS = {"retinanet_crossformer_s_fpn_1x_coco": 40.8e6, "retinanet_crossformer_b_fpn_1x_coco": 62.1e6,
                 "mask_rcnn_crossformer_s_fpn_1x_coco": 50.2e6, "mask_rcnn_crossformer_b_fpn_1x_coco": 71.5e6}
-
-
-@pytest.fixture(scope="module")
-def digits_root(tmp_path_factory) -> str:
-    """A small digits detection set: 16 train and 8 val images."""
-    sizes = dict(digits_coco.SPLIT_IMAGES)
-    digits_coco.SPLIT_IMAGES.update(train=16, val=8)
-    try:
-        return digits_coco.ensure_digits_coco(str(tmp_path_factory.mktemp("data") / "digits_coco"))
-    finally:
-        digits_coco.SPLIT_IMAGES.update(sizes)
 
 
 def demo_config(*opts):
@@ -222,20 +210,20 @@ def test_class_count_and_missing_images_are_errors(tmp_path):
 def test_pretrained_classification_weights_load_into_the_backbone(tmp_path):
     """The classification demo model has the detection demo's backbone: its checkpoint loads, head
     and final norm left out."""
-    from detection.train import load_backbone_weights
     from models import build_model
+    from training import load_backbone_weights
     classifier = build_model(load_config(os.path.join(REPO, "configs", "demo", "digits.yaml")))
     path = tmp_path / "classifier.pth"
     torch.save({"model": classifier.state_dict(), "epoch": 3}, path)
     model = build_detector(demo_config())
-    load_backbone_weights(model, str(path), trust=False)
+    load_backbone_weights(model.backbone.body, str(path))
     body = model.backbone.body.state_dict()
     loaded = {k: v for k, v in classifier.state_dict().items() if not k.startswith(("head.", "norm."))}
     assert loaded and set(loaded) <= set(body)
     assert all(torch.equal(body[k], v) for k, v in loaded.items())
     torch.save({"model": {"layers.0.weight": torch.zeros(3)}}, path)
     with pytest.raises(UserError, match="does not fit this model"):
-        load_backbone_weights(model, str(path), trust=False)
+        load_backbone_weights(model.backbone.body, str(path))
 
 
 # ----------------------------------------------------------------------------- paper configs

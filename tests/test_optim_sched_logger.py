@@ -131,8 +131,6 @@ def trained_lrs(name: str, warmup_epochs: int, accumulation: int, batches: int =
     """Train a toy model for EPOCHS epochs through main.train_one_epoch and return the rate every
     optimizer step ran with, and the optimizer steps per epoch."""
     from main import train_one_epoch
-    from runtime import Precision
-    from utils import DistInfo
 
     config = make_config(LR_SCHEDULER__NAME=name, WARMUP_EPOCHS=warmup_epochs, ACCUMULATION_STEPS=accumulation,
                          LR_SCHEDULER__DECAY_EPOCHS=3)
@@ -147,11 +145,8 @@ def trained_lrs(name: str, warmup_epochs: int, accumulation: int, batches: int =
     optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(opt.param_groups[0]["lr"]))
     generator = torch.Generator().manual_seed(0)
     loader = ListLoader((torch.randn(2, 4, generator=generator), torch.tensor([0, 2])) for _ in range(batches))
-    device = torch.device("cpu")
     for epoch in range(EPOCHS):
-        train_one_epoch(config, model, nn.CrossEntropyLoss(), loader, optimizer, epoch, None, scheduler,
-                        Precision(config, device), updates_per_epoch, DistInfo(0, 1, 0, device),
-                        logging.getLogger("test"))
+        train_one_epoch(config, model, nn.CrossEntropyLoss(), loader, optimizer, epoch, None, scheduler, None)
     return seen, updates_per_epoch
 
 

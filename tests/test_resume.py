@@ -16,12 +16,11 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 import main
-import runtime
 from config import UserError, load_config
 from models import build_model
 from optimizer import build_optimizer
 from lr_scheduler import build_scheduler
-from utils import DistInfo, load_checkpoint_file, write_checkpoint
+from utils import load_checkpoint_file, write_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo", "digits.yaml")
@@ -225,10 +224,7 @@ def train_steps(rank, world_size, port, global_batches, accumulation, initial, r
 
     optimizer.step = recording_step
     loader = [(images[rank::world_size], labels[rank::world_size]) for images, labels in global_batches]
-    info = DistInfo(rank, world_size, rank, torch.device("cpu"))
-    precision = runtime.Precision(config, info.device)
-    main.train_one_epoch(config, ddp, main.build_criterion(config, False), loader, optimizer, 0, None, scheduler,
-                         precision, updates, info, main.create_logger(os.path.dirname(result_path), rank))
+    main.train_one_epoch(config, ddp, main.build_criterion(config, False), loader, optimizer, 0, None, scheduler, None)
     if rank == 0:
         torch.save({"grads": grads, "model": model.state_dict()}, result_path)
     if world_size > 1:

@@ -14,6 +14,7 @@ from PIL import Image
 from torch import nn
 
 from config import load_config
+from conftest import write_ade
 from models import build_model
 from optimizer import split_weight_decay_groups
 from runtime import Precision
@@ -26,6 +27,7 @@ from segmentation.heads import build_segmentation_model
 from segmentation.losses import SegmentationLoss
 from segmentation.metrics import SegmentationMeter, area_counts
 from segmentation.pipeline import random_crop_box, reduce_zero_label, train_transform
+from training import load_backbone_weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CFG = os.path.join(REPO, "configs", "segmentation", "demo_digits.yaml")
@@ -42,25 +44,6 @@ PAPER_PARAMS = {"fpn_crossformer_s_ade20k_80k": 34.3e6, "fpn_crossformer_b_ade20
 
 def tiny_config(*opts: str):
     return load_config(DEMO_CFG, TINY + list(opts))
-
-
-def write_ade(root, images: int = 4, size=(40, 32), classes: int = 4, seed: int = 0) -> str:
-    """A small ADE20K-layout folder: squares of class 1..classes on 0 ("other") backgrounds,
-    coloured by class so that they can be learned."""
-    rng = np.random.default_rng(seed)
-    for split in ("training", "validation"):
-        os.makedirs(os.path.join(root, "images", split))
-        os.makedirs(os.path.join(root, "annotations", split))
-        for n in range(images):
-            label = np.full(size[::-1], 1, np.uint8)
-            label[:4] = 0
-            for c in range(2, classes + 1):
-                top, left = rng.integers(0, size[1] - 10), rng.integers(0, size[0] - 10)
-                label[top:top + 10, left:left + 10] = c
-            colours = np.array([[0, 0, 0], [60, 60, 60], [250, 30, 30], [30, 250, 30], [30, 30, 250]], np.uint8)
-            Image.fromarray(colours[label]).save(os.path.join(root, "images", split, f"{n}.jpg"), quality=98)
-            Image.fromarray(label).save(os.path.join(root, "annotations", split, f"{n}.png"))
-    return str(root)
 
 
 def train_args(data: str, output: str, *opts: str) -> list[str]:
@@ -284,7 +267,7 @@ def test_pretrained_backbone_weights_load_without_the_classifier(tmp_path):
     path = str(tmp_path / "imagenet.pth")
     torch.save({"model": classifier.state_dict()}, path)
     model = build_segmentation_model(config)
-    seg_train.load_backbone_weights(model, path, trust=False)
+    load_backbone_weights(model.backbone, path)
     for key, value in model.backbone.state_dict().items():
         assert torch.equal(value, classifier.state_dict()[key]), key
 

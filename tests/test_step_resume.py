@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from config import UserError
-from runtime import CheckpointClock, StopSignals
+from conftest import TrainingProcess, assert_bit_identical, training_environment
+from training import CheckpointClock, StopSignals
 from utils import load_checkpoint_file, model_state, newest_loadable_checkpoint, remove_step_checkpoints, \
     resume_position, write_checkpoint, step_checkpoints
 
@@ -40,66 +41,18 @@ def command(digits_path, output, *extra):
             "--num_workers", "2", "--opts", *OPTIONS, *extra]
 
 
-def environment():
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def assert_bit_identical(path, reference):
-    ours, theirs = load_checkpoint_file(str(path)), load_checkpoint_file(str(reference))
-    for key in ("model", "model_ema"):
-        assert ours[key].keys() == theirs[key].keys()
-        for name in ours[key]:
-            assert torch.equal(ours[key][name], theirs[key][name]), (key, name)
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(digits_dir, tmp_path_factory):
     output = tmp_path_factory.mktemp("uninterrupted")
     result = subprocess.run([sys.executable, *command(digits_dir, output)], cwd=ROOT, capture_output=True, text=True,
-                            timeout=600, env=environment())
+                            timeout=600, env=training_environment())
     assert result.returncode == 0, result.stderr[-3000:]
     return output.joinpath(*RUN_DIR)
 
 
-class Run:
-    """One launch of a training command whose log is followed for progress markers."""
-
-    def __init__(self, args, run_dir, log_name="log_rank0.txt"):
-        self.log = run_dir / log_name
-        self.seen = self.log.read_text() if self.log.exists() else ""
-        self.process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                        env=environment(), start_new_session=True)
-
-    def new_log(self):
-        text = self.log.read_text() if self.log.exists() else ""
-        return text[len(self.seen):]
-
-    def wait_for_step_checkpoint(self, epoch=0, timeout=300):
-        """Wait until this launch has written a step checkpoint in ``epoch`` or later."""
-        deadline = time.time() + timeout
-        while True:
-            saved = [(int(e), int(s)) for e, s in SAVED_STEP.findall(self.new_log())]
-            if any(e >= epoch for e, _ in saved):
-                return saved[-1]
-            assert self.process.poll() is None, f"run ended early:\n{self.process.stderr.read()[-3000:]}"
-            assert time.time() < deadline, "no step checkpoint in time"
-            time.sleep(0.05)
-
-    def stop(self, signum, group=False, timeout=120):
-        """Send ``signum`` (to the whole process group, as a terminal's Ctrl-C does, if ``group``);
-        return the exit code, stdout, stderr and the seconds until the process ended."""
-        sent = time.time()
-        if group:
-            os.killpg(self.process.pid, signum)
-        else:
-            self.process.send_signal(signum)
-        stdout, stderr = self.process.communicate(timeout=timeout)
-        return self.process.returncode, stdout, stderr, time.time() - sent
-
-    def finish(self, timeout=600):
-        stdout, stderr = self.process.communicate(timeout=timeout)
-        assert self.process.returncode == 0, stderr[-3000:]
-        return stdout
+def wait_for_step_checkpoint(run, epoch=0):
+    """Wait until this launch has written a step checkpoint in ``epoch`` or later."""
+    run.wait_for(SAVED_STEP, lambda match: int(match.group(1)) >= epoch)
 
 
 def newest_position(run_dir):
@@ -124,12 +77,8 @@ def assert_clean_stop(code, stdout, stderr, seconds, name, run_dir):
 
 def wait_for_resume_line(run, position):
     epoch, step = position
-    line = (f"resuming training inside epoch {epoch} at step {step} of" if step
-            else f"resuming training at epoch {epoch}")
-    deadline = time.time() + 300
-    while line not in run.new_log():
-        assert run.process.poll() is None and time.time() < deadline, run.new_log()[-3000:]
-        time.sleep(0.05)
+    run.wait_for(re.escape(f"resuming training inside epoch {epoch} at step {step} of" if step
+                           else f"resuming training at epoch {epoch}"))
 
 
 def test_signals_and_sigkill_inside_epochs_end_bit_identical(digits_dir, uninterrupted, tmp_path):
@@ -137,15 +86,15 @@ def test_signals_and_sigkill_inside_epochs_end_bit_identical(digits_dir, uninter
     moments inside both epochs, each followed by a relaunch: every relaunch continues from the
     newest state, inside the epoch, and the run ends with the uninterrupted weights and EMA."""
     run_dir = tmp_path.joinpath(*RUN_DIR)
-    args = [sys.executable, *command(digits_dir, tmp_path)]
+    args = command(digits_dir, tmp_path)
     rng = random.Random(os.getpid())
     position, resumed = None, []
     for stop_signal, epoch in [(signal.SIGINT, 0), (signal.SIGKILL, 0), (signal.SIGTERM, 1), (signal.SIGUSR1, 1),
                                (signal.SIGKILL, 1)]:
-        run = Run(args, run_dir)
+        run = TrainingProcess(args, run_dir)
         if position is not None:
             wait_for_resume_line(run, position)
-        run.wait_for_step_checkpoint(epoch)
+        wait_for_step_checkpoint(run, epoch)
         time.sleep(rng.uniform(0, 0.4))  # a random moment of a step
         code, stdout, stderr, seconds = run.stop(stop_signal, group=stop_signal == signal.SIGINT)
         if stop_signal == signal.SIGKILL:
@@ -154,11 +103,11 @@ def test_signals_and_sigkill_inside_epochs_end_bit_identical(digits_dir, uninter
             assert_clean_stop(code, stdout, stderr, seconds, stop_signal.name, run_dir)
         position = newest_position(run_dir)[1]
         resumed.append(position)
-    run = Run(args, run_dir)
+    run = TrainingProcess(args, run_dir)
     wait_for_resume_line(run, position)
     run.finish()
     assert {epoch for epoch, step in resumed if step > 0} >= {0, 1}, resumed  # inside both epochs
-    assert_bit_identical(run_dir / FINAL, uninterrupted / FINAL)
+    assert_bit_identical(run_dir / FINAL, uninterrupted / FINAL, ("model", "model_ema"))
     assert step_checkpoints(str(run_dir)) == []  # the final epoch checkpoint made them obsolete
     log = (run_dir / "log_rank0.txt").read_text()
     assert re.search(r"EMA \* Acc@1 \d+\.\d+ Acc@5 \d+\.\d+", log)
@@ -241,8 +190,7 @@ def test_checkpoint_clock():
 
 # ----------------------------------------------------------------------------- two ranks under torchrun
 def torchrun(digits_path, output):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            *command(digits_path, output)]
+    return ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *command(digits_path, output)]
 
 
 def worker_of_rank(launcher_pid, rank):
@@ -259,43 +207,42 @@ def test_two_ranks_sigkill_and_sigterm_to_one_rank_end_bit_identical(digits_dir,
     to rank 1 alone inside epoch 1: both ranks stop at the same step, rank 0 saves, exit 0; the
     relaunch ends with the uninterrupted 2-rank run's weights and EMA."""
     reference_dir = tmp_path / "uninterrupted"
-    result = subprocess.run(torchrun(digits_dir, reference_dir), cwd=ROOT, capture_output=True, text=True, timeout=600,
-                            env=environment())
+    result = subprocess.run([sys.executable, *torchrun(digits_dir, reference_dir)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600, env=training_environment())
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path.joinpath("interrupted", *RUN_DIR)
     args = torchrun(digits_dir, tmp_path / "interrupted")
 
-    run = Run(args, run_dir)
-    run.wait_for_step_checkpoint(0)
+    run = TrainingProcess(args, run_dir)
+    wait_for_step_checkpoint(run, 0)
     time.sleep(random.uniform(0, 0.4))
     for pid in [worker_of_rank(run.process.pid, rank) for rank in (0, 1)] + [run.process.pid]:
         os.kill(pid, signal.SIGKILL)  # the node goes away: workers (in sessions of their own) and launcher
-    run.process.communicate(timeout=60)
+    run.process.wait(timeout=60)
     _, position = newest_position(run_dir)
 
-    run = Run(args, run_dir)
+    run = TrainingProcess(args, run_dir)
     wait_for_resume_line(run, position)
-    run.wait_for_step_checkpoint(1)
+    wait_for_step_checkpoint(run, 1)
     os.kill(worker_of_rank(run.process.pid, 1), signal.SIGTERM)
-    stdout, stderr = run.process.communicate(timeout=120)
-    assert run.process.returncode == 0, stderr[-3000:]
+    run.finish(timeout=120)
     stops = [re.findall(r"SIGTERM received: stopped at epoch (\d+) step (\d+)", (run_dir / f"log_rank{rank}.txt").read_text())
              for rank in (0, 1)]
     assert len(stops[0]) == 1 and stops[0] == stops[1]  # the same step on both ranks
     _, position = newest_position(run_dir)
     assert position == tuple(map(int, stops[0][0])) and position[0] == 1 and position[1] > 0
 
-    run = Run(args, run_dir)
+    run = TrainingProcess(args, run_dir)
     wait_for_resume_line(run, position)
     run.finish()
-    assert_bit_identical(run_dir / FINAL, reference_dir.joinpath(*RUN_DIR, FINAL))
+    assert_bit_identical(run_dir / FINAL, reference_dir.joinpath(*RUN_DIR, FINAL), ("model", "model_ema"))
 
 
 def test_eval_scores_the_ema_weights_with_model_ema_eval(digits_dir, uninterrupted, tmp_path):
     final = uninterrupted / FINAL
     result = subprocess.run([sys.executable, "main.py", "--cfg", DEMO, "--data-path", digits_dir, "--output", str(tmp_path),
                              "--eval", "--resume", str(final), "--opts", "MODEL_EMA_EVAL", "True"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600, env=environment())
+                            cwd=ROOT, capture_output=True, text=True, timeout=600, env=training_environment())
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"loaded EMA weights from {final}" in result.stdout
     last = json.loads((uninterrupted / "metrics.jsonl").read_text().splitlines()[-1])
@@ -318,7 +265,7 @@ def test_step_checkpoint_of_another_batch_size_is_refused(digits_dir, uninterrup
     step_file = run_dir / "ckpt_epoch_1_step_6.pth"
     write_checkpoint({**checkpoint, "epoch": 1, "step": 6, "world_size": 1, "batch_size": 32}, str(step_file))
     result = subprocess.run([sys.executable, *command(digits_dir, tmp_path, "DATA.BATCH_SIZE", "16")], cwd=ROOT,
-                            capture_output=True, text=True, timeout=600, env=environment())
+                            capture_output=True, text=True, timeout=600, env=training_environment())
     assert result.returncode == 2
     assert "Traceback" not in result.stderr  # (timm may warn about the schedule before the error)
     assert result.stderr.strip().splitlines()[-1] == (

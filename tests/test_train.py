@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import math
 import os
 import re
@@ -33,7 +32,6 @@ from data.build import build_mixup
 from lr_scheduler import build_scheduler
 from models import build_model
 from optimizer import build_optimizer
-from utils import DistInfo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -268,15 +266,11 @@ def record_gradients(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -
 
 def one_epoch(config, model, batches, mixup_fn=None, criterion=None):
     """``main.train_one_epoch`` over a list of ``(images, labels)`` batches on the CPU."""
-    accumulation = max(1, config.TRAIN.ACCUMULATION_STEPS)
     optimizer = build_optimizer(config, model)
     grads = record_gradients(optimizer, model)
     scheduler = RecordingScheduler()
     criterion = criterion or main.build_criterion(config, mixup_fn is not None)
-    precision = runtime.Precision(config, torch.device("cpu"))
-    loss = main.train_one_epoch(config, model, criterion, batches, optimizer, 0, mixup_fn, scheduler,
-                                precision, len(batches) // accumulation,
-                                DistInfo(0, 1, 0, torch.device("cpu")), logging.getLogger("test_train"))
+    loss = main.train_one_epoch(config, model, criterion, batches, optimizer, 0, mixup_fn, scheduler, None)
     return SimpleNamespace(loss=loss, grads=grads, updates=scheduler.updates)
 
 
