@@ -109,7 +109,7 @@ def strided_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
     input: oneDNN's weight gradient of the strided form is 3 to 5 times slower. Tracing, export and
     compile get the plain form."""
     stride, kernel = conv.stride[0], conv.kernel_size[0]
-    if isinstance(x, torch.fx.Proxy) or torch.compiler.is_compiling() or not (
+    if not is_eager(x) or not (
             conv.training and x.device.type == "cpu" and torch.is_grad_enabled() and conv.weight.requires_grad
             and kernel >= 4 * stride and kernel % stride == 0):
         return conv(x)
@@ -150,6 +150,12 @@ class PatchMerging(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.norm(x).permute(0, 3, 1, 2)
         return torch.cat([reduce(x) for reduce in self.reductions], dim=1).permute(0, 2, 3, 1)
+
+
+def is_eager(x: Tensor) -> bool:
+    """Whether this is a plain eager call: not compiled or exported, and ``x`` is no FX proxy (a
+    Python-side store or a branch on a device type cannot be traced)."""
+    return not (torch.compiler.is_compiling() or isinstance(x, torch.fx.Proxy))
 
 
 def kept_per_size(make: Callable[..., T]) -> Callable[..., T]:
@@ -367,7 +373,8 @@ class Attention(nn.Module):
 
     def position_bias(self, group: tuple[int, int]) -> Tensor:
         """``(num_heads, N, N)`` bias of a ``group = (Gh, Gw)`` group of ``N = Gh * Gw`` embeddings,
-        from one DPB pass over all offsets.
+        from one DPB pass over all offsets (eager calls; traced and compiled code computes it in
+        its graph).
 
         Without gradients (eval under ``no_grad`` / ``inference_mode``) the bias is kept and reused
         until the group shape, the DPB's dtype or device, the autocast dtype, or its weights change:
@@ -375,7 +382,7 @@ class Attention(nn.Module):
         version counters. An edit through ``.data`` bypasses them: call ``model.train()`` or
         ``model.eval()`` afterwards to drop the bias."""
         weight = self.qkv.weight
-        if torch.is_grad_enabled() or self.training or torch.compiler.is_compiling():
+        if torch.is_grad_enabled() or self.training:
             return self._position_bias(group)
         device_type = weight.device.type
         autocast = (torch.get_autocast_dtype(device_type) if torch.amp.is_autocast_available(device_type)
@@ -400,7 +407,9 @@ class Attention(nn.Module):
         B, num_groups, N, C = x.shape
         qkv = self.qkv(x).view(B * num_groups, N, 3, self.num_heads, C // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        bias = self.position_bias(group) if self.pos is not None else None
+        bias = None
+        if self.pos is not None:  # traced and compiled code computes it in its graph
+            bias = self.position_bias(group) if is_eager(x) else self._position_bias(group)
         mask = attention_mask(bias, padded_keys, B)
         mask = mask.to(q.dtype) if mask is not None else None
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,

@@ -6,6 +6,8 @@ Names: ``crossformer_{tiny,small,base,large}_patch4_group7_224`` (ICLR 2022) and
 downloaded; ``pretrained=True`` needs a file:
 ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path))``, where the file
 is an official release (``{'model': state_dict}``) or a checkpoint written by our ``main.py``.
+``features_only=True`` uses timm's ``getter`` wrapper (:meth:`CrossFormer.forward_intermediates`);
+other ``feature_cls`` values are refused.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from typing import Any
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import FeatureGetterNet
 from torch import Tensor
 
 from crossformer.model import CrossFormer
@@ -80,6 +83,11 @@ def _create(name: str, pretrained: bool, **kwargs: Any) -> CrossFormer:
     if pretrained and not _weights_source(kwargs):
         raise ValueError(f"{name}: no weights are hosted for it; pass the file of an official release or of "
                          "a main.py checkpoint: pretrained_cfg_overlay=dict(file=path)")
+    feature_cls = kwargs.get("feature_cls", "getter")
+    if kwargs.get("features_only") and feature_cls not in ("getter", FeatureGetterNet):
+        raise ValueError(f"{name}: features_only supports feature_cls='getter' (the default, through "
+                         f"forward_intermediates), not {feature_cls!r}: the modules named by feature_info "
+                         "(layers.i) are not called with the stage maps as their output")
     architecture, drop_path_rate, _ = MODELS[name]
     args = dict(architecture, drop_path_rate=drop_path_rate)
     args.update(kwargs)
