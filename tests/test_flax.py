@@ -130,8 +130,9 @@ def test_options_not_ported_are_a_clear_error(option):
     (dict(use_checkpoint=True, num_classes=0), (64, 64)),
 ])
 def test_model_options_equal_pytorch(options, size):
-    kwargs = {**dict(img_size=64, embed_dim=16, depths=(2, 2, 3, 2), num_heads=(1, 2, 2, 4), group_size=(4, 4, 4, 4),
-                     interval=(4, 2, 1, 1), num_classes=10), **options}
+    kwargs = {**dict(img_size=64, patch_size=(4, 8, 16, 32), merge_size=((2, 4),) * 3, embed_dim=16,
+                     depths=(2, 2, 3, 2), num_heads=(1, 2, 2, 4), group_size=(4, 4, 4, 4), interval=(4, 2, 1, 1),
+                     num_classes=10), **options}
     torch_model = randomized(TorchCrossFormer(**kwargs))
     model = from_torch(torch_model.state_dict(), **kwargs)
     images = torch.randn(2, 3, *size)

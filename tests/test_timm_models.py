@@ -13,7 +13,7 @@ from timm.optim import param_groups_layer_decay
 
 import timm
 import crossformer
-from crossformer.timm_models import MODELS
+from crossformer.timm_models import MODELS, TOP1
 from test_train import accuracies, check_ok, load_ckpt, run_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,7 +44,7 @@ def test_registered_with_official_shapes_and_default_cfg(name):
     assert cfg["input_size"] == (3, 224, 224) and cfg["crop_pct"] == 0.875 and cfg["interpolation"] == "bicubic"
     assert cfg["classifier"] == "head" and "head.weight" in shapes
     assert all(f"{conv}.weight" in shapes for conv in cfg["first_conv"])
-    assert f"top-1 {MODELS[name][2]}" in cfg["notes"][0]
+    assert f"top-1 {TOP1[name]}" in cfg["notes"][0]
     assert model.num_features == model.head_hidden_size == shapes["norm.weight"][0]
     assert [i["reduction"] for i in model.feature_info] == [4, 8, 16, 32]
 
@@ -132,7 +132,8 @@ def test_fx_and_feature_extractors_follow_the_input_size(name):
             x = torch.randn(1, 3, *size)
             logits, maps = model(x), model.forward_intermediates(x, intermediates_only=True)
             assert torch.equal(graph(x), logits) and torch.equal(extractor(x)["logits"], logits)
-            torch.testing.assert_close(extractor(x)["stage3"].permute(0, 3, 1, 2), maps[2])
+            # a block's output: the authors' tokens (B, h*w, C)
+            torch.testing.assert_close(extractor(x)["stage3"].transpose(1, 2).reshape(maps[2].shape), maps[2])
 
 
 def test_fx_backward():
