@@ -5,6 +5,12 @@ embeddings travel as tokens ``(B, H*W, C)`` with the map size ``(H, W)`` beside 
 added here comes in addition: any input size at run time (``H, W`` arguments where the authors'
 modules had a fixed ``input_resolution``), both official grouping layouts, timm's interface.
 
+Map of this file: the public classes :class:`CrossFormer`, :class:`Stage`,
+:class:`CrossFormerBlock`, :class:`Attention`, :class:`DynamicPosBias`, :class:`Mlp`,
+:class:`PatchEmbed`, :class:`PatchMerging`, :class:`RowConvPositionEncoding`; then the helpers: the
+per-module store of tensors kept between eager calls, sizes, grouping (index tables that gather
+the groups of a map and scatter them back), attention masks.
+
 A block groups its map, attends inside each group with a dynamic position bias, and puts the
 groups back: SDA groups adjacent embeddings, LDA embeddings ``I`` apart. How a map of any size is
 grouped and padded is the layout of :func:`crossformer.grouping.group_layout` (``grouping``: the
@@ -17,14 +23,13 @@ offsets, padding masks) come from small functions that are leaves for FX (``torc
 timm's ``register_notrace_function``), so ``symbolic_trace`` and feature extractors evaluate them at
 call time, and plain Python on symbolic sizes for ``torch.export`` / ``torch.compile``: an export
 with dynamic height and width follows the padding at every size and guards the few choices that
-depend on the size (a map no larger than a group). Eager calls keep them per size (and the DPB
-bias, in evaluation without gradients, per weights).
+depend on the size (a map no larger than a group). Eager calls keep them on the module between
+calls of the same size (and the DPB bias, in evaluation without gradients, per weights).
 ``torch.jit.trace`` and the TorchScript-based ONNX exporter would freeze those choices silently,
 so they are refused.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Callable, Sequence, TypeVar
 
@@ -37,6 +42,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from crossformer.grouping import GroupLayout, block_group_sizes, group_layout, resolve_grouping
+from crossformer.official import drop_derivable_buffers
 
 # Score given to padded keys. Finite, so a group made only of padding yields a uniform softmax
 # (its outputs are cut off) instead of NaN; small enough for float16.
@@ -97,7 +103,7 @@ class CrossFormer(nn.Module):
             raise ValueError(f"pad_type must be 0 or 1, got {pad_type}")
         _check_global_pool(global_pool)
         mlp_ratios = [mlp_ratio] * num_stages if isinstance(mlp_ratio, (int, float)) else list(mlp_ratio)
-        self.img_size = to_2tuple(img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.img_size = tuple(to_2tuple(img_size))
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.grouping = resolve_grouping(grouping, use_acl)
@@ -383,6 +389,7 @@ class CrossFormerBlock(nn.Module):
         if use_extra_conv:  # activation cooling layer
             self.ex_conv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
             self.ex_ln = norm_layer(dim)
+        self._kept_grouping: tuple | None = None  # see kept_on_module
 
     def layout(self, H: int, W: int) -> GroupLayout:
         """How this block groups and pads an ``H x W`` map (group shape, interval, padding)."""
@@ -394,7 +401,7 @@ class CrossFormerBlock(nn.Module):
             H, W = self.input_resolution
         B, L, C = x.shape
         layout = self.layout(H, W)
-        index, padded_keys, inverse = unpack3(grouping_tensors(H, W, layout, x.device, not self.no_mask))
+        index, padded_keys, inverse = self._grouping_tensors(x, H, W, layout)
         shortcut = x
         x = self.norm1(x)
         if self.cpe is not None:
@@ -407,6 +414,15 @@ class CrossFormerBlock(nn.Module):
         if self.use_extra_conv:
             x = self.ex_ln(self.ex_conv(x.reshape(B, H, W, C).permute(0, 3, 1, 2)).flatten(2).transpose(1, 2))
         return x
+
+    def _grouping_tensors(self, x: Tensor, H: int, W: int, layout: GroupLayout) -> tuple[Tensor, Tensor | None, Tensor]:
+        """(group index, padded-key mask or None, ungroup index) of an ``H x W`` map, kept on the
+        block between eager calls of the same size."""
+        masked = not self.no_mask
+        if not is_eager(x):
+            return unpack3(grouping_tensors(H, W, layout, x.device, masked))
+        return kept_on_module(self, "_kept_grouping", (H, W, layout, x.device, masked),
+                              lambda: grouping_tensors(H, W, layout, x.device, masked))
 
     def flops(self, H: int | None = None, W: int | None = None) -> int:
         """Multiply-accumulates for an ``H x W`` map (default ``input_resolution``), counted like the
@@ -444,6 +460,8 @@ class Attention(nn.Module):
         self.group_size = tuple(to_2tuple(group_size))
         self.num_heads = num_heads
         self.scale = qk_scale or (dim // num_heads) ** -0.5
+        # The official code passes dim // 4 here and DynamicPosBias divides by 4 again: the DPB
+        # MLP is dim // 16 wide.
         self.pos = DynamicPosBias(dim // 4, num_heads, residual=False) if position_bias else None
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop
@@ -453,38 +471,32 @@ class Attention(nn.Module):
         self._register_load_state_dict_pre_hook(self._drop_derivable_buffers)
 
     @staticmethod
-    def _drop_derivable_buffers(state_dict: dict, prefix: str, *args) -> None:
-        # Checkpoints of the ICLR code store the DPB index tables; here they are derived.
-        for name in ("biases", "relative_position_index"):
-            state_dict.pop(prefix + name, None)
+    def _drop_derivable_buffers(state_dict: dict, prefix: str, *_) -> None:
+        """Checkpoints of the ICLR code store the DPB index tables; here they are derived."""
+        drop_derivable_buffers(state_dict, prefix)
 
     def position_bias(self, group_size: Sequence[int]) -> Tensor:
-        """``(num_heads, N, N)`` bias of a ``Gh x Gw`` group, from one DPB pass over all offsets
-        (eager calls; traced and compiled code computes it in its graph).
+        """``(num_heads, N, N)`` bias of a ``Gh x Gw`` group, from one DPB pass over all offsets.
 
         Without gradients (eval under ``no_grad`` / ``inference_mode``) the bias is kept and reused
-        until the group shape, the DPB's dtype or device, the autocast dtype, or its weights change:
-        an in-place change (optimizer step, ``load_state_dict``, EMA update) bumps the weights'
-        version counters. An edit through ``.data`` bypasses them: call ``model.train()`` or
-        ``model.eval()`` afterwards to drop the bias."""
-        weight = self.qkv.weight
+        while the group shape, the autocast dtype and the DPB's parameters (storage, version,
+        dtype, device) stay the same: an in-place change (optimizer step, ``load_state_dict``, EMA
+        update) bumps their version counters. An edit through ``.data`` bypasses them: call
+        ``model.train()`` or ``model.eval()`` afterwards to drop the bias."""
         if torch.is_grad_enabled() or self.training:
             return self.compute_position_bias(group_size)
-        device_type = weight.device.type
+        params = list(self.pos.parameters())
+        device_type = params[0].device.type
         autocast = (torch.get_autocast_dtype(device_type) if torch.amp.is_autocast_available(device_type)
                     and torch.is_autocast_enabled(device_type) else None)
-        key = (tuple(group_size), weight.dtype, weight.device, autocast,
-               tuple(p._version for p in self.pos.parameters()))
-        if self._kept_bias is None or self._kept_bias[0] != key:
-            # a normal tensor (usable after inference mode ends) that needs no gradient
-            with torch.inference_mode(False), torch.no_grad():
-                self._kept_bias = (key, self.compute_position_bias(group_size))
-        return self._kept_bias[1]
+        key = (tuple(group_size), autocast, tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
+        return kept_on_module(self, "_kept_bias", key, lambda: self.compute_position_bias(group_size))
 
     def compute_position_bias(self, group_size: Sequence[int]) -> Tensor:
         """:meth:`position_bias`, computed (in the graph, when traced or compiled)."""
-        table, index = relative_offsets(group_size[0], group_size[1], self.qkv.weight.device)
-        return self.pos(table.to(self.qkv.weight.dtype))[index].permute(2, 0, 1)
+        weight = self.pos.pos_proj.weight
+        table, index = relative_offsets(group_size[0], group_size[1], weight.device)
+        return self.pos(table.to(weight.dtype))[index].permute(2, 0, 1)
 
     def train(self, mode: bool = True) -> Attention:
         self._kept_bias = None
@@ -657,19 +669,16 @@ def is_eager(x: Tensor) -> bool:
     return not (torch.compiler.is_compiling() or isinstance(x, torch.fx.Proxy))
 
 
-def kept_per_size(make: Callable[..., T]) -> Callable[..., T]:
-    """``make`` (tensors that follow from sizes and a device alone) kept per argument tuple in eager
-    calls, made outside inference mode so that a training step may use them too. Traced, exported
-    and compiled code computes them in its graph."""
-    kept = functools.lru_cache(maxsize=256)(make)
-
-    @functools.wraps(make)
-    def make_or_reuse(*args):
-        if torch.compiler.is_compiling():
-            return make(*args)
-        with torch.inference_mode(False):
-            return kept(*args)
-    return make_or_reuse
+def kept_on_module(module: nn.Module, slot: str, key: tuple, make: Callable[[], T]) -> T:
+    """``make()``, kept in ``module``'s attribute ``slot`` (one entry) and made again when ``key``
+    changes; made outside inference mode and without gradients, so that tensors kept while
+    evaluating serve a later training step too. Per module, so no tensor is shared across models."""
+    kept = getattr(module, slot)
+    if kept is None or kept[0] != key:
+        with torch.inference_mode(False), torch.no_grad():
+            kept = (key, make())
+        setattr(module, slot, kept)
+    return kept[1]
 
 
 # ============================================================================ helpers: sizes
@@ -771,7 +780,6 @@ def block_layout(H: int, W: int, group_size: int, interval: int, lda: bool, grou
 
 @register_notrace_function
 @torch.fx.wrap
-@kept_per_size
 def relative_offsets(group_h: int, group_w: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """All relative offsets ``(dy, dx)`` inside a ``group_h x group_w`` grid, as a float table of
     ``(2*group_h - 1) * (2*group_w - 1)`` rows (dy-major, as the official table), and for each
@@ -861,7 +869,6 @@ def padding_mask(index: Tensor, H: int, W: int, layout: GroupLayout) -> Tensor |
 
 @register_notrace_function
 @torch.fx.wrap
-@kept_per_size
 def grouping_tensors(H: int, W: int, layout: GroupLayout, device: torch.device,
                      masked: bool) -> tuple[Tensor, Tensor | None, Tensor]:
     """(:func:`group_index`, :func:`padding_mask` or None unless ``masked``, :func:`ungroup_index`)

@@ -1,5 +1,6 @@
 """What the official files hold, in plain Python: the eight official YAML configs as CrossFormer
-keyword arguments (the timm registry is built from them).
+keyword arguments (the timm registry is built from them), and the derivable buffers that
+checkpoints of the ICLR code carry.
 
 The YAMLs are those of ``configs/crossformer/`` and ``configs/crossformer_pp/`` in a checkout;
 ``pip install .`` installs them as ``crossformer/configs/`` (see pyproject.toml).
@@ -7,7 +8,7 @@ The YAMLs are those of ``configs/crossformer/`` and ``configs/crossformer_pp/`` 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, MutableMapping, TypeVar
 
 import yaml
 
@@ -23,6 +24,12 @@ CROS_KEYWORDS = {
 }
 # MODEL key -> CrossFormer keyword
 MODEL_KEYWORDS = {"NUM_CLASSES": "num_classes", "DROP_RATE": "drop_rate", "DROP_PATH_RATE": "drop_path_rate"}
+
+# Checkpoints of the ICLR code store these DPB index tables in every attention layer
+# (``...attn.biases``, ``...attn.relative_position_index``); the model derives them.
+DERIVABLE_BUFFERS = ("biases", "relative_position_index")
+
+S = TypeVar("S", bound=MutableMapping)
 
 
 def model_kwargs(model: Mapping[str, Any]) -> dict[str, Any]:
@@ -57,3 +64,12 @@ def official_models() -> dict[str, dict[str, Any]]:
     if len(models) != 8:
         raise FileNotFoundError(f"expected the eight official configs in {config_folder()}, found {sorted(models)}")
     return models
+
+
+def drop_derivable_buffers(state_dict: S, prefix: str = "") -> S:
+    """Remove, in place, the DPB index tables of ICLR checkpoints (:data:`DERIVABLE_BUFFERS`) among
+    the keys under ``prefix``; returns ``state_dict``."""
+    for key in [key for key in state_dict
+                if key.startswith(prefix) and key.rpartition(".")[2] in DERIVABLE_BUFFERS]:
+        del state_dict[key]
+    return state_dict

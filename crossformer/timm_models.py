@@ -34,18 +34,14 @@ TOP1 = {
     "crossformer_pp_large_patch4_group_const_224": 84.7, "crossformer_pp_huge_patch4_group_const_224": 84.9,
 }
 
-# ICLR checkpoints store these index tables per attention layer; the model derives them.
-DERIVED_BUFFERS = ("attn.biases", "attn.relative_position_index")
-
 
 def checkpoint_filter_fn(state_dict: dict[str, Any], model: CrossFormer) -> dict[str, Tensor]:
     """An official release or one of our training checkpoints -> the model's state dict: unwraps
-    ``{'model': ...}``, strips a DistributedDataParallel ``module.`` prefix, drops the derived
-    DPB index buffers."""
+    ``{'model': ...}`` and strips a DistributedDataParallel ``module.`` prefix. (The ICLR index
+    buffers are dropped by the model's own ``load_state_dict``.)"""
     if "model" in state_dict and isinstance(state_dict["model"], dict):
         state_dict = state_dict["model"]
-    return {key.removeprefix("module."): value for key, value in state_dict.items()
-            if not key.endswith(DERIVED_BUFFERS)}
+    return {key.removeprefix("module."): value for key, value in state_dict.items()}
 
 
 def _cfg(name: str) -> dict[str, Any]:

@@ -255,6 +255,31 @@ def test_kept_position_bias_follows_weight_changes_and_training_after_inference(
     torch.testing.assert_close(stepped, fresh_logits(), rtol=1e-5, atol=1e-6)
 
 
+def test_kept_tensors_belong_to_their_model_and_follow_dtype_changes():
+    """Grouping tensors and the DPB bias are kept on the model's modules, not in module-level
+    caches: they go with the model, and one model's never serve another."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    model = small_model().eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.inference_mode():
+        model(x)
+    block = model.layers[0].blocks[1]
+    kept = [weakref.ref(t) for t in (block._kept_grouping[1][0], block.attn._kept_bias[1])]
+    other = small_model().eval()
+    assert other.layers[0].blocks[1]._kept_grouping is None and other.layers[0].blocks[1].attn._kept_bias is None
+    with torch.no_grad():
+        reference = model.double()(x.double())  # new dtype: the bias is made again
+        assert reference.dtype == torch.float64
+        model.train()  # with gradients: computed, not kept
+        torch.testing.assert_close(model.eval()(x.double()), reference)
+    del model, block
+    gc.collect()
+    assert all(ref() is None for ref in kept)
+
+
 @pytest.mark.parametrize("height,width", [(224, 320), (256, 256), (200, 200)])
 def test_any_input_size_logits_and_pyramid_strides(height, width):
     torch.manual_seed(0)
