@@ -787,8 +787,7 @@ def relative_offsets(group_h: int, group_w: int, device: torch.device) -> tuple[
     span_h = torch.arange(1 - group_h, group_h, device=device)
     span_w = torch.arange(1 - group_w, group_w, device=device)
     table = torch.stack(torch.meshgrid(span_h, span_w, indexing="ij"), dim=-1).reshape(-1, 2).float()
-    member = torch.arange(group_h * group_w, device=device)
-    rows, cols = member // group_w, member % group_w
+    rows, cols = quotient_remainder(torch.arange(group_h * group_w, device=device), group_w)
     return table, ((rows[:, None] - rows[None, :] + group_h - 1) * (2 * group_w - 1)
                    + cols[:, None] - cols[None, :] + group_w - 1)
 
@@ -807,14 +806,13 @@ def group_index(H: int, W: int, layout: GroupLayout, device: torch.device) -> Te
     region_rows = (top + H + bottom) // (group_h * interval)
     regions_per_row = (left + W + right) // (group_w * interval)
     slot = torch.arange(region_rows * regions_per_row * interval * interval * members, device=device)
-    grouped, member = slot // members, slot % members
-    col_offset, grouped = grouped % interval, grouped // interval
-    # remainder as a difference: ONNX has no remainder by a size computed at run time
-    row_major = grouped // regions_per_row
-    col_region, grouped = grouped - row_major * regions_per_row, row_major
-    row_offset, row_region = grouped % interval, grouped // interval
-    row = row_region * group_h * interval + member // group_w * interval + row_offset - top
-    col = col_region * group_w * interval + member % group_w * interval + col_offset - left
+    grouped, member = quotient_remainder(slot, members)
+    grouped, col_offset = quotient_remainder(grouped, interval)
+    grouped, col_region = quotient_remainder(grouped, regions_per_row)
+    row_region, row_offset = quotient_remainder(grouped, interval)
+    member_row, member_col = quotient_remainder(member, group_w)
+    row = row_region * group_h * interval + member_row * interval + row_offset - top
+    col = col_region * group_w * interval + member_col * interval + col_offset - left
     inside = (row >= 0) & (row < H) & (col >= 0) & (col < W)
     return (row * W + col).masked_fill(~inside, H * W)
 
@@ -828,9 +826,9 @@ def ungroup_index(H: int, W: int, layout: GroupLayout, device: torch.device) -> 
 
     def coordinates(size: int, before: int, group: int) -> tuple[Tensor, Tensor, Tensor]:
         """(region, offset, member) of each coordinate of the padded map along one axis."""
-        coord = torch.arange(size, device=device) + before
-        span = group * interval
-        return coord // span, coord % span % interval, coord % span // interval
+        region, within = quotient_remainder(torch.arange(size, device=device) + before, group * interval)
+        member, offset = quotient_remainder(within, interval)
+        return region, offset, member
 
     row_region, row_offset, row_member = coordinates(H, top, group_h)
     col_region, col_offset, col_member = coordinates(W, left, group_w)
@@ -838,6 +836,13 @@ def ungroup_index(H: int, W: int, layout: GroupLayout, device: torch.device) -> 
     groups = ((row_region * interval + row_offset)[:, None] * regions_per_row + col_region[None, :]) * interval \
         + col_offset[None, :]
     return groups * group_h * group_w + (row_member * group_w)[:, None] + col_member[None, :]
+
+
+def quotient_remainder(x: Tensor, divisor: int) -> tuple[Tensor, Tensor]:
+    """``(x // divisor, x % divisor)``, the remainder written as a difference: ONNX has no remainder
+    by a size computed at run time, which group sizes and intervals are in the ICLR layout."""
+    quotient = x // divisor
+    return quotient, x - quotient * divisor
 
 
 def group_embeddings(x: Tensor, index: Tensor, members: int) -> Tensor:
