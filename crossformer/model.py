@@ -93,10 +93,6 @@ class CrossFormer(nn.Module):
         for name, values in (("num_heads", num_heads), ("group_size", group_size), ("crs_interval", crs_interval)):
             if len(values) != num_stages:
                 raise ValueError(f"{name} needs one value per stage ({num_stages}), got {list(values)}")
-        for i, heads in enumerate(num_heads):
-            if embed_dim * 2 ** i % heads:
-                raise ValueError(f"stage {i} has {embed_dim * 2 ** i} channels (embed_dim {embed_dim} * 2**{i}), "
-                                 f"which {heads} heads (num_heads[{i}]) do not divide")
         if len(merge_size) != num_stages - 1:
             raise ValueError(f"merge_size needs {num_stages - 1} kernel lists, got {list(merge_size)}")
         if pad_type not in (0, 1):
