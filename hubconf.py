@@ -11,7 +11,7 @@ from typing import Any
 
 import timm
 
-import crossformer  # noqa: F401  (registers the models with timm)
+from crossformer.timm_models import MODELS  # importing crossformer registers the models with timm
 
 dependencies = ["torch", "timm"]
 
@@ -24,33 +24,13 @@ def _load(name: str, pretrained: bool, file: str | None, kwargs: dict[str, Any])
     return timm.create_model(name, pretrained=pretrained, **kwargs)
 
 
-def crossformer_tiny_patch4_group7_224(pretrained: bool = False, file: str | None = None, **kwargs: Any):
-    return _load("crossformer_tiny_patch4_group7_224", pretrained, file, kwargs)
+def _entrypoint(name: str):
+    def load(pretrained: bool = False, file: str | None = None, **kwargs: Any):
+        return _load(name, pretrained, file, kwargs)
+    load.__name__ = load.__qualname__ = name
+    load.__doc__ = f"timm's {name} (see crossformer.timm_models); pretrained=True needs file=<path>."
+    return load
 
 
-def crossformer_small_patch4_group7_224(pretrained: bool = False, file: str | None = None, **kwargs: Any):
-    return _load("crossformer_small_patch4_group7_224", pretrained, file, kwargs)
-
-
-def crossformer_base_patch4_group7_224(pretrained: bool = False, file: str | None = None, **kwargs: Any):
-    return _load("crossformer_base_patch4_group7_224", pretrained, file, kwargs)
-
-
-def crossformer_large_patch4_group7_224(pretrained: bool = False, file: str | None = None, **kwargs: Any):
-    return _load("crossformer_large_patch4_group7_224", pretrained, file, kwargs)
-
-
-def crossformer_pp_small_patch4_group_const_224(pretrained: bool = False, file: str | None = None, **kwargs: Any):
-    return _load("crossformer_pp_small_patch4_group_const_224", pretrained, file, kwargs)
-
-
-def crossformer_pp_base_patch4_group_const_224(pretrained: bool = False, file: str | None = None, **kwargs: Any):
-    return _load("crossformer_pp_base_patch4_group_const_224", pretrained, file, kwargs)
-
-
-def crossformer_pp_large_patch4_group_const_224(pretrained: bool = False, file: str | None = None, **kwargs: Any):
-    return _load("crossformer_pp_large_patch4_group_const_224", pretrained, file, kwargs)
-
-
-def crossformer_pp_huge_patch4_group_const_224(pretrained: bool = False, file: str | None = None, **kwargs: Any):
-    return _load("crossformer_pp_huge_patch4_group_const_224", pretrained, file, kwargs)
+for _name in MODELS:  # one entry point per official model
+    globals()[_name] = _entrypoint(_name)

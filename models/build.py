@@ -11,44 +11,23 @@ from yacs.config import CfgNode
 
 from config import UserError
 from crossformer import CrossFormer
+from crossformer.official import model_kwargs
 
 if TYPE_CHECKING:  # jax and flax stay optional
     import crossformer.flax
 
 
 def cross_scale_kwargs(config: CfgNode) -> dict:
-    """The constructor arguments of a cross-scale model (PyTorch and Flax take the same ones)."""
-    cros = config.MODEL.CROS
-    return dict(
-        img_size=config.DATA.IMG_SIZE,
-        patch_size=cros.PATCH_SIZE,
-        in_chans=cros.IN_CHANS,
-        num_classes=config.MODEL.NUM_CLASSES,
-        embed_dim=cros.EMBED_DIM,
-        depths=cros.DEPTHS,
-        num_heads=cros.NUM_HEADS,
-        group_size=cros.GROUP_SIZE,
-        interval=cros.INTERVAL,
-        mlp_ratio=cros.MLP_RATIO,
-        qkv_bias=cros.QKV_BIAS,
-        qk_scale=cros.QK_SCALE,
-        drop_rate=config.MODEL.DROP_RATE,
-        drop_path_rate=config.MODEL.DROP_PATH_RATE,
-        ape=cros.APE,
-        patch_norm=cros.PATCH_NORM,
-        use_checkpoint=config.TRAIN.USE_CHECKPOINT,
-        merge_size=cros.MERGE_SIZE,
-        group_type=cros.GROUP_TYPE,
-        use_acl=cros.USE_ACL,
-        pad_type=cros.PAD_TYPE,
-        no_mask=cros.NO_MASK,
-        adaptive_interval=cros.ADAPT_INTER,
-        use_cpe=cros.USE_CPE,
-    )
+    """The constructor arguments of a cross-scale model that PyTorch and Flax both take: the
+    MODEL section's (:func:`crossformer.official.model_kwargs`), the image size and
+    TRAIN.USE_CHECKPOINT."""
+    return dict(model_kwargs(config.MODEL), img_size=config.DATA.IMG_SIZE,
+                use_checkpoint=config.TRAIN.USE_CHECKPOINT)
 
 
 def _cross_scale(config: CfgNode) -> CrossFormer:
-    return CrossFormer(**cross_scale_kwargs(config))
+    # MODEL.CROS.GROUPING is the PyTorch model's alone until the Flax port takes it too
+    return CrossFormer(**cross_scale_kwargs(config), grouping=config.MODEL.CROS.GROUPING)
 
 
 def _timm(config: CfgNode) -> nn.Module:

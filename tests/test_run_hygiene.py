@@ -423,6 +423,8 @@ def test_pip_install_then_import_from_another_folder(tmp_path):
         shutil.copy(os.path.join(REPO, name), source / name)
     shutil.copytree(os.path.join(REPO, "crossformer"), source / "crossformer",
                     ignore=shutil.ignore_patterns("__pycache__"))
+    for family in ("crossformer", "crossformer_pp"):  # the official configs, installed as package data
+        shutil.copytree(os.path.join(REPO, "configs", family), source / "configs" / family)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
     python = str(venv / "bin" / "python")
@@ -443,9 +445,11 @@ def test_pip_install_then_import_from_another_folder(tmp_path):
     code = ("import crossformer, torch; "
             "m = crossformer.CrossFormer(img_size=32, patch_size=[4, 8], embed_dim=32, depths=[1, 1, 1, 1], "
             "num_heads=[2, 4, 8, 16], group_size=[4, 4, 4, 4], interval=[2, 1, 1, 1], num_classes=10).eval(); "
-            "print(crossformer.__file__); print(tuple(m(torch.randn(2, 3, 32, 32)).shape))")
+            "print(crossformer.__file__); print(tuple(m(torch.randn(2, 3, 32, 32)).shape)); "
+            "import timm; print(len(timm.list_models('crossformer*')), "
+            "timm.create_model('crossformer_pp_huge_patch4_group_const_224', pretrained=False).num_features)")
     result = subprocess.run([python, "-c", code], cwd=away, capture_output=True, text=True, timeout=TIMEOUT_S,
                             env={**os.environ, "PYTHONPATH": ""})
     assert result.returncode == 0, result.stderr[-2000:]
-    location, shape = result.stdout.strip().splitlines()
-    assert location.startswith(site) and shape == "(2, 10)"
+    location, shape, registry = result.stdout.strip().splitlines()
+    assert location.startswith(site) and shape == "(2, 10)" and registry == "8 1024"

@@ -13,7 +13,7 @@ from timm.optim import param_groups_layer_decay
 
 import timm
 import crossformer
-from crossformer.timm_models import MODELS
+from crossformer.timm_models import MODELS, TOP1
 from test_train import accuracies, check_ok, load_ckpt, run_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,7 +44,7 @@ def test_registered_with_official_shapes_and_default_cfg(name):
     assert cfg["input_size"] == (3, 224, 224) and cfg["crop_pct"] == 0.875 and cfg["interpolation"] == "bicubic"
     assert cfg["classifier"] == "head" and "head.weight" in shapes
     assert all(f"{conv}.weight" in shapes for conv in cfg["first_conv"])
-    assert f"top-1 {MODELS[name][2]}" in cfg["notes"][0]
+    assert f"top-1 {TOP1[name]}" in cfg["notes"][0]
     assert model.num_features == model.head_hidden_size == shapes["norm.weight"][0]
     assert [i["reduction"] for i in model.feature_info] == [4, 8, 16, 32]
 
@@ -119,9 +119,12 @@ def test_grad_checkpointing_and_layer_decay_groups():
 
 
 # ----------------------------------------------------------------------------- tracing and export
-def test_fx_and_feature_extractors_follow_the_input_size():
+@pytest.mark.parametrize("name", ["crossformer_pp_small_patch4_group_const_224", "crossformer_tiny_patch4_group7_224"])
+def test_fx_and_feature_extractors_follow_the_input_size(name):
+    """Both grouping layouts (CrossFormer++ and the ICLR one), at sizes where the groups are padded
+    and, at 96x160, where the last stage's 3x5 map is smaller than a group."""
     from torchvision.models.feature_extraction import create_feature_extractor
-    model = tiny().eval()
+    model = tiny(name).eval()
     graph = torch.fx.symbolic_trace(model)
     extractor = create_feature_extractor(model, {"layers.2.blocks.1": "stage3", "head": "logits"})
     with torch.no_grad():
@@ -129,7 +132,8 @@ def test_fx_and_feature_extractors_follow_the_input_size():
             x = torch.randn(1, 3, *size)
             logits, maps = model(x), model.forward_intermediates(x, intermediates_only=True)
             assert torch.equal(graph(x), logits) and torch.equal(extractor(x)["logits"], logits)
-            torch.testing.assert_close(extractor(x)["stage3"].permute(0, 3, 1, 2), maps[2])
+            # a block's output: the authors' tokens (B, h*w, C)
+            torch.testing.assert_close(extractor(x)["stage3"].transpose(1, 2).reshape(maps[2].shape), maps[2])
 
 
 def test_fx_backward():
@@ -137,6 +141,72 @@ def test_fx_backward():
     out = graph(torch.randn(2, 3, 64, 96))
     out.mean().backward()
     assert out.shape == (2, 7) and all(p.grad is not None for p in graph.parameters())
+
+
+# timm's own FX tests (tests/test_models.py of pytorch-image-models: test_model_forward_fx and
+# test_model_backward_fx) trace with timm's tracer settings and check the extractor's output; the same
+# here on the tiny configuration, also against the eager outputs and gradients.
+TIMM_FX_NAMES = ["crossformer_tiny_patch4_group7_224", "crossformer_pp_small_patch4_group_const_224"]
+
+
+def timm_fx_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The graph module timm's FX tests run: traced with timm's leaf modules and autowrapped
+    functions (FX leaves), in train and eval mode, each returning the nodes that feed the output."""
+    from timm.models import get_notrace_functions, get_notrace_modules
+    from torchvision.models.feature_extraction import NodePathTracer, create_feature_extractor
+    tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(),
+                         param_shapes_constant=True)
+    mode, returned = model.training, {}
+    for train in (True, False):
+        tracer = NodePathTracer(**tracer_kwargs)
+        graph = tracer.trace(model.train(train))
+        output = next(node for node in graph.nodes if node.op == "output")
+        returned[train] = [tracer.node_to_qualname[node] for node in output.all_input_nodes]
+    model.train(mode)
+    return create_feature_extractor(model, train_return_nodes=returned[True], eval_return_nodes=returned[False],
+                                    tracer_kwargs=tracer_kwargs)
+
+
+@pytest.mark.parametrize("name", TIMM_FX_NAMES)
+def test_timm_fx_forward_under_inference_mode_equals_eager(name):
+    model = tiny(name).eval()
+    with torch.inference_mode():  # as timm's test: tracing sees no gradients (the kept-bias path)
+        inputs = torch.randn(1, 3, 128, 128)
+        outputs = model(inputs)
+        fx_outputs = torch.cat(tuple(timm_fx_model(model)(inputs).values()))
+        other = torch.randn(1, 3, 96, 160)  # the graph follows the size
+        torch.testing.assert_close(torch.cat(tuple(timm_fx_model(model)(other).values())), model(other))
+    assert torch.all(fx_outputs == outputs)
+    assert outputs.shape[0] == 1 and not torch.isnan(outputs).any()
+
+
+@pytest.mark.parametrize("name", TIMM_FX_NAMES)
+def test_timm_fx_backward_gives_the_eager_gradients(name):
+    # Without drop path: create_feature_extractor's dead-code elimination drops the in-place 1/keep
+    # rescaling (``div_``) of timm's DropPath, so with it the extractor's training outputs differ
+    model = tiny(name, num_classes=42, drop_path_rate=0.0).train()
+    inputs = torch.randn(2, 3, 128, 128)
+    fx_model = timm_fx_model(model)
+    outputs = torch.cat(tuple(fx_model(inputs).values()))
+    outputs.mean().backward()
+    fx_grads = {n: p.grad.clone() for n, p in fx_model.named_parameters() if p.grad is not None}
+    assert set(fx_grads) == {n for n, _ in fx_model.named_parameters()}
+    assert sum(g.numel() for g in fx_grads.values()) == sum(p.numel() for p in model.parameters())
+    assert outputs.shape[-1] == 42 and not torch.isnan(outputs).any()
+    model.zero_grad()
+    eager = model(inputs)
+    eager.mean().backward()
+    torch.testing.assert_close(outputs, eager, rtol=0, atol=1e-6)
+    eager_grads = dict(model.named_parameters())
+    for n, grad in fx_grads.items():
+        torch.testing.assert_close(grad, eager_grads[n].grad, rtol=1e-5, atol=1e-7)
+
+
+def test_features_only_with_another_feature_class_is_a_clear_error():
+    with pytest.raises(ValueError, match="features_only supports feature_cls='getter'.*not 'fx'"):
+        timm.create_model(NAMES[0], features_only=True, feature_cls="fx", **TINY)
+    maps = timm.create_model(NAMES[0], features_only=True, feature_cls="getter", **TINY).eval()
+    assert [m.shape[1] for m in maps(torch.randn(1, 3, 64, 64))] == [16, 32, 64, 128]
 
 
 def test_jit_trace_and_torchscript_onnx_exporter_refuse():
@@ -148,8 +218,9 @@ def test_jit_trace_and_torchscript_onnx_exporter_refuse():
 
 
 def test_exported_program_matches_eager_at_every_size_then_eager_still_right():
-    model = tiny("crossformer_tiny_patch4_group7_224").eval()
-    inputs = [torch.randn(1, 3, *size) for size in SIZES]
+    model = tiny("crossformer_tiny_patch4_group7_224").eval()  # the ICLR layout: LDA groups grow with the map
+    assert model.grouping == "crossformer"
+    inputs = [torch.randn(1, 3, *size) for size in SIZES + ((264, 300),)]  # 264x300: LDA groups padded
     with torch.no_grad():
         expected = [model(x) for x in inputs]
     program = crossformer.export_program(model, inputs[0])

@@ -19,8 +19,8 @@ import numpy as np
 from flax import nnx
 
 from crossformer.flax.model import CrossFormer
+from crossformer.official import drop_derivable_buffers
 
-DERIVABLE_SUFFIXES = ("attn.biases", "attn.relative_position_index")
 _DPB_LAYERS = ("pos1", "pos2", "pos3")
 _DPB_ENTRIES = {"0": "norm", "2": "fc"}
 
@@ -70,9 +70,7 @@ def torch_to_flax(state_dict: Mapping[str, Any]) -> dict:
     """A PyTorch CrossFormer state dict (ours or an official one; tensors or arrays) -> nested
     dict of float arrays with the Flax parameter layout (integer keys for list entries)."""
     params: dict = {}
-    for key, value in state_dict.items():
-        if key.endswith(DERIVABLE_SUFFIXES):
-            continue
+    for key, value in drop_derivable_buffers(dict(state_dict)).items():
         array = np.asarray(value.detach().cpu() if hasattr(value, "detach") else value)
         node = params
         path = _flax_path(key, array.ndim)
