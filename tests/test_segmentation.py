@@ -15,7 +15,7 @@ from torch import nn
 
 from config import load_config
 from models import build_model
-from optimizer import split_weight_decay_groups
+from optimizer import build_optimizer
 from runtime import Precision
 from segmentation import predict as seg_predict
 from segmentation import test as seg_test
@@ -83,15 +83,36 @@ def test_heads_give_logits_at_the_input_size_for_odd_sizes(head):
     assert torch.isfinite(outputs["out"]).all()
 
 
-def test_norms_and_position_bias_train_without_weight_decay():
-    model = build_segmentation_model(tiny_config("SEG.HEAD", "upernet", "SEG.AUX_WEIGHT", "0.4"))
-    decayed, not_decayed = split_weight_decay_groups(model, 0.01)
+@pytest.mark.parametrize("name, exempt", [("upernet_crossformer_s_ade20k_160k", "norm"),
+                                          ("fpn_crossformer_s_ade20k_80k", None)])
+def test_weight_decay_follows_the_authors_paramwise_rule(name, exempt):
+    """UPerNet: weight decay 0.01 on everything but the parameters named 'norm' (the backbone's
+    LayerNorms; BatchNorms, biases and the DPB decay); Semantic FPN: 1e-4 on every parameter."""
+    config = load_config(os.path.join(REPO, "configs", "segmentation", f"{name}.yaml"))
+    with torch.device("meta"):
+        model = build_segmentation_model(config)
+    optimizer = build_optimizer(config, model)
     names = {id(p): n for n, p in model.named_parameters()}
-    free = {names[id(p)] for p in not_decayed["params"]}
-    assert "backbone.layers.0.blocks.0.attn.pos.pos_proj.weight" in free
-    assert "backbone.layers.0.blocks.0.norm1.weight" in free
-    assert "backbone.layers.0.blocks.0.attn.qkv.weight" not in free and not_decayed["weight_decay"] == 0.0
-    assert {names[id(p)] for p in decayed["params"]} == set(names.values()) - free
+    groups = {group["weight_decay"]: {names[id(p)] for p in group["params"]} for group in optimizer.param_groups}
+    assert set(groups) == ({config.TRAIN.WEIGHT_DECAY, 0.0} if exempt else {1e-4})
+    free = groups.get(0.0, set())
+    assert free == {n for n in names.values() if exempt and exempt in n}
+    if exempt:
+        assert "backbone.layers.0.blocks.0.norm1.weight" in free and "backbone.patch_embed.norm.bias" in free
+        decayed = groups[config.TRAIN.WEIGHT_DECAY]
+        assert {"backbone.layers.0.blocks.0.attn.pos.pos1.0.weight", "backbone.layers.0.blocks.0.attn.qkv.bias",
+                "decode_head.fpn_bottleneck.1.weight"} <= decayed
+
+
+def test_paper_schedules_of_the_segmentation_configs():
+    """Semantic FPN S/B/L: groups [14, 14, 7, 7], intervals [16, 8, 2, 1], poly 0.9; UPerNet: poly 1.0."""
+    for name in PAPER_PARAMS:
+        config = load_config(os.path.join(REPO, "configs", "segmentation", f"{name}.yaml"))
+        fpn = name.startswith("fpn")
+        assert list(config.MODEL.CROS.GROUP_SIZE) == ([14, 14, 7, 7] if fpn else [7, 7, 7, 7])
+        assert list(config.MODEL.CROS.INTERVAL) == ([16, 8, 2, 1] if fpn else [8, 4, 2, 1])
+        assert config.SEG.POWER == (0.9 if fpn else 1.0) and config.SEG.MIN_LR == 0.0
+        assert config.TRAIN.WEIGHT_DECAY == (1e-4 if fpn else 0.01)
 
 
 def test_parameter_counts_of_the_paper_configs_within_one_percent():
