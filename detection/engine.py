@@ -18,7 +18,8 @@ from data.build import ShardSampler
 from detection.coco import CocoDetection, collate
 from detection.coco_eval import broadcast_metrics, coco_evaluate, gather_results, to_coco_results
 from detection.digits_coco import ensure_digits_coco
-from detection.transforms import RandomHorizontalFlip
+from detection.model import has_masks
+from detection.transforms import build_train_transform
 from runtime import Precision, check_finite, optimizer_step
 from utils import DistInfo
 
@@ -37,19 +38,20 @@ def dataset_root(config: CfgNode) -> str:
 
 
 def build_dataset(config: CfgNode, split: str) -> CocoDetection:
-    """The ``train`` (with random flips) or ``val`` split."""
-    flip = RandomHorizontalFlip(config.DET.HFLIP) if split == "train" else None
-    return CocoDetection(dataset_root(config), split, config.MODEL.NUM_CLASSES, config.DET.TYPE == "mask_rcnn", flip)
+    """The ``train`` (with the training augmentation) or ``val`` split."""
+    transform = build_train_transform(config) if split == "train" else None
+    return CocoDetection(dataset_root(config), split, config.MODEL.NUM_CLASSES, has_masks(config), transform)
 
 
 def build_loaders(config: CfgNode, dist_info: DistInfo, train: bool) -> tuple[DataLoader | None, DataLoader]:
     """``(train loader or None, val loader)``. Training shuffles with a DistributedSampler seeded by
     SEED (``set_epoch`` each epoch) and drops the last partial batch; evaluation gives each rank its
-    ShardSampler share of the images."""
-    options = dict(batch_size=config.DATA.BATCH_SIZE, num_workers=config.DATA.NUM_WORKERS, collate_fn=collate,
+    ShardSampler share of the images, DET.TEST_BATCH_SIZE at a time."""
+    options = dict(num_workers=config.DATA.NUM_WORKERS, collate_fn=collate,
                    pin_memory=config.DATA.PIN_MEMORY and torch.cuda.is_available())
     val = build_dataset(config, "val")
-    loader_val = DataLoader(val, sampler=ShardSampler(len(val), dist_info.rank, dist_info.world_size), **options)
+    loader_val = DataLoader(val, sampler=ShardSampler(len(val), dist_info.rank, dist_info.world_size),
+                            batch_size=config.DET.TEST_BATCH_SIZE, **options)
     if not train:
         return None, loader_val
     dataset = build_dataset(config, "train")
@@ -58,7 +60,8 @@ def build_loaders(config: CfgNode, dist_info: DistInfo, train: bool) -> tuple[Da
     if len(sampler) < config.DATA.BATCH_SIZE:
         raise UserError(f"DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} is larger than the {len(sampler)} training "
                         f"images per process")
-    return DataLoader(dataset, sampler=sampler, drop_last=True, **options), loader_val
+    loader_train = DataLoader(dataset, sampler=sampler, drop_last=True, batch_size=config.DATA.BATCH_SIZE, **options)
+    return loader_train, loader_val
 
 
 def build_step_scheduler(config: CfgNode, optimizer: Optimizer, updates_per_epoch: int) -> MultiStepLRScheduler:
