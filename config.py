@@ -82,6 +82,10 @@ _C.MODEL.CROS.USE_CPE = False  # CrossFormer++'s convolutional position encoding
 _C.MODEL.CROS.ADAPT_INTER = False  # LDA interval ceil(map size / G) per block instead of INTERVAL
 _C.MODEL.CROS.PAD_TYPE = 0  # 0: pad bottom/right, 1: split the padding between both sides
 _C.MODEL.CROS.NO_MASK = False
+# Grouping layout at sizes other than the configured square (detection, segmentation): auto,
+# crossformer (the ICLR backbone's) or crossformer_pp (the CrossFormer++ backbone's); auto follows
+# USE_ACL (the ICLR configs set it False). See docs/models.md.
+_C.MODEL.CROS.GROUPING = "auto"
 
 # MODEL.TYPE timm: any timm model by name. Class count, dropout and drop path come from
 # MODEL.NUM_CLASSES / DROP_RATE / DROP_PATH_RATE, input channels from MODEL.CROS.IN_CHANS.

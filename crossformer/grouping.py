@@ -1,9 +1,10 @@
-"""Per-block group sizes of CrossFormer++ (GROUP_TYPE): plain Python, shared by the PyTorch and
-the Flax model."""
+"""How blocks group their maps, in plain Python shared by the PyTorch and the Flax model: the
+per-block group sizes of CrossFormer++ (GROUP_TYPE) and the grouping layout of a map of any size
+in either official layout (GROUPING)."""
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -52,3 +53,76 @@ def block_group_sizes(group_type: str, group_size: Sequence[int], depths: Sequen
             sizes[-1].append(int(size))
             block += 1
     return sizes
+
+
+# ----------------------------------------------------------------------------- grouping layouts
+GROUPINGS = ("crossformer", "crossformer_pp")
+
+
+def resolve_grouping(grouping: str, use_acl: bool) -> str:
+    """The layout that ``grouping`` names: ``auto`` follows the model family, which the official
+    configs mark with USE_ACL (False in every CrossFormer config, True in every CrossFormer++ one)."""
+    if grouping == "auto":
+        return "crossformer_pp" if use_acl else "crossformer"
+    if grouping not in GROUPINGS:
+        raise ValueError(f"grouping must be 'auto', 'crossformer' or 'crossformer_pp', got {grouping!r}")
+    return grouping
+
+
+class GroupLayout(NamedTuple):
+    """How a block groups an ``H x W`` map. The map, zero-padded by ``top``/``bottom``/``left``/
+    ``right``, is cut into regions of ``(group_h * interval) x (group_w * interval)``; each region
+    holds ``interval**2`` groups of ``group_h x group_w`` embeddings ``interval`` apart. Interval 1
+    is SDA (groups of adjacent embeddings)."""
+    group_h: int
+    group_w: int
+    interval: int
+    top: int
+    bottom: int
+    left: int
+    right: int
+
+
+def group_layout(H: int, W: int, group_size: int, interval: int, lda: bool, grouping: str, pad_type: int = 0,
+                 adaptive_interval: bool = False, minimum: Callable = min, maximum: Callable = max) -> GroupLayout:
+    """The layout of an ``H x W`` map for a block of group size ``group_size`` (SDA, or LDA with
+    ``interval``), as the official detection/segmentation backbone of ``grouping`` computes it:
+
+    * ``crossformer`` (the ICLR backbone): a map whose short side is <= G is SDA with
+      ``G' = min(H, W)``; SDA pads to a multiple of G; LDA keeps the interval I and pads to a
+      multiple of I, so its I x I groups grow to ``ceil(H/I) x ceil(W/I)`` (I = 1: the whole map).
+    * ``crossformer_pp`` (the CrossFormer++ backbone): a map whose short side is <= G is one SDA
+      group of ``max(H, W)`` (padded square); otherwise G and I stay and the map is padded to a
+      multiple of ``G*I``, tiled by ``(G*I)**2`` regions.
+
+    ``adaptive_interval`` (ADAPT_INTER): LDA takes ``I = ceil(max(H, W) / G)``. ``pad_type`` 1 splits
+    the padding between both sides (the official backbones pad bottom/right: ``pad_type`` 0).
+    At a square map of G*I (the configured classification size) both layouts coincide.
+
+    ``minimum``/``maximum``: ``torch.sym_min``/``sym_max`` from the PyTorch model, so that export
+    decides them without a guard on ``H`` against ``W``."""
+    if not lda:
+        interval = 1
+    elif adaptive_interval:
+        interval = (maximum(H, W) + group_size - 1) // group_size
+    smallest, largest = minimum(H, W), maximum(H, W)
+    # The rule for a map whose short side is <= G changes nothing for a map of exactly G x G that
+    # the normal layout makes one G x G group too (interval 1). It is asked as one expression that
+    # is False there as it is for larger maps, so that export and compile, which guard on the
+    # answer, keep one graph for both.
+    if (smallest < group_size) | ((smallest <= group_size) & ((largest > group_size) | (interval > 1))):
+        side = smallest if grouping == "crossformer" else largest
+        return _padded_layout(H, W, side, side, 1, pad_type)
+    if lda and grouping == "crossformer":
+        return _padded_layout(H, W, (H + interval - 1) // interval, (W + interval - 1) // interval, interval,
+                              pad_type)
+    return _padded_layout(H, W, group_size, group_size, interval, pad_type)
+
+
+def _padded_layout(H: int, W: int, group_h: int, group_w: int, interval: int, pad_type: int) -> GroupLayout:
+    """The layout with the zero padding that makes ``H x W`` a multiple of the region size."""
+    span_h, span_w = group_h * interval, group_w * interval
+    pad_h = (H + span_h - 1) // span_h * span_h - H
+    pad_w = (W + span_w - 1) // span_w * span_w - W
+    top, left = (pad_h // 2, pad_w // 2) if pad_type == 1 else (0, 0)
+    return GroupLayout(group_h, group_w, interval, top, pad_h - top, left, pad_w - left)

@@ -3,12 +3,14 @@
 Embeddings travel between layers as channels-last maps ``(B, H, W, C)``. A block groups them,
 attends inside each group with a dynamic position bias, and puts them back:
 
-* SDA (short distance): groups of ``G x G`` adjacent embeddings.
-* LDA (long distance): inside every ``(G*I) x (G*I)`` region, the embeddings ``I`` apart form a group.
+* SDA (short distance): groups of adjacent embeddings.
+* LDA (long distance): groups of embeddings ``I`` apart.
 
-The map is zero-padded to a multiple of the region size; padded embeddings are masked out as keys
-and cut off afterwards. A block whose map is no larger than ``G`` attends over the whole map (SDA
-with ``G = min(H, W)``). At the configured image size this reproduces the official models exactly.
+How a map of any size is grouped and zero-padded is the layout of
+:func:`crossformer.grouping.group_layout`, in either official backbone's way (``grouping``: the
+ICLR backbone's ``crossformer`` or the CrossFormer++ backbone's ``crossformer_pp``); padded
+embeddings are masked out as keys and cut off afterwards. At the configured image size both
+reproduce the official models exactly.
 
 Tracing and export: the tensors derived from the input size (DPB offsets and index, grouping
 indices, padding masks) come from the small functions below. Eager calls keep them per size (and
@@ -17,14 +19,14 @@ traced and compiled code computes them in its graph. They are leaves for FX
 (``torch.fx.wrap`` and timm's ``register_notrace_function``), so ``symbolic_trace`` and feature
 extractors evaluate them at call time, and plain Python on symbolic sizes for ``torch.export`` /
 ``torch.compile``: an export with dynamic height and width follows the padding at every size and
-guards the few choices that depend on the size (a map smaller than ``G``). ``torch.jit.trace`` and
+guards the few choices that depend on the size (a map no larger than ``G``). ``torch.jit.trace`` and
 the TorchScript-based ONNX exporter would freeze those choices silently, so they are refused.
 """
 from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, NamedTuple, Sequence, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +35,7 @@ from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from crossformer.grouping import block_group_sizes
+from crossformer.grouping import GroupLayout, block_group_sizes, group_layout, resolve_grouping
 
 # Score given to padded keys. Finite, so a group made only of padding yields a uniform softmax
 # (its outputs are cut off) instead of NaN; small enough for float16.
@@ -165,73 +167,54 @@ def kept_per_size(make: Callable[..., T]) -> Callable[..., T]:
     return make_or_reuse
 
 
-class GroupLayout(NamedTuple):
-    """How a block groups an ``H x W`` map: group size, interval (1: SDA) and zero padding."""
-    group: int
-    interval: int
-    top: int
-    bottom: int
-    left: int
-    right: int
-
-
 @register_notrace_function
 @torch.fx.wrap
-def group_layout(H: int, W: int, group_size: int, interval: int, pad_type: int) -> GroupLayout:
-    """The layout of an ``H x W`` map for a block of ``group_size`` and ``interval`` (1 for SDA
-    blocks). A map no larger than the group attends as one SDA group of ``min(H, W)``; otherwise the
-    map is padded to a multiple of ``group_size * interval`` (bottom/right, or split if ``pad_type``
-    is 1). Only sym_min and comparisons that export can decide from the size range: no guard on
-    ``H`` against ``W`` or on the padding."""
-    smallest = torch.sym_min(H, W)
-    if interval > 1 and smallest <= group_size:
-        interval = 1
-    if smallest < group_size:
-        group_size = smallest
-    span = group_size * interval
-    pad_h = (H + span - 1) // span * span - H
-    pad_w = (W + span - 1) // span * span - W
-    top, left = (pad_h // 2, pad_w // 2) if pad_type == 1 else (0, 0)
-    return GroupLayout(group_size, interval, top, pad_h - top, left, pad_w - left)
+def block_layout(H: int, W: int, group_size: int, interval: int, lda: bool, grouping: str, pad_type: int,
+                 adaptive_interval: bool) -> GroupLayout:
+    """:func:`crossformer.grouping.group_layout` with ``torch.sym_min``/``sym_max``: only
+    comparisons that export can decide from the size range, no guard on ``H`` against ``W``."""
+    return group_layout(H, W, group_size, interval, lda, grouping, pad_type, adaptive_interval,
+                        minimum=torch.sym_min, maximum=torch.sym_max)
 
 
 @register_notrace_function
 @torch.fx.wrap
 @kept_per_size
-def relative_offsets(group: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """All relative offsets ``(dy, dx)`` inside a ``group x group`` grid, as a float table of
-    ``(2*group - 1)**2`` rows, and for each (query, key) pair the row of its offset."""
-    span = torch.arange(1 - group, group, device=device)
-    table = torch.stack(torch.meshgrid(span, span, indexing="ij"), dim=-1).reshape(-1, 2).float()
-    coords = torch.arange(group, device=device)
-    rows = coords.repeat_interleave(group)
-    cols = coords.repeat(group)
-    index = (rows[:, None] - rows[None, :] + group - 1) * (2 * group - 1) + cols[:, None] - cols[None, :] + group - 1
-    return table, index
+def relative_offsets(group_h: int, group_w: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """All relative offsets ``(dy, dx)`` inside a ``group_h x group_w`` grid, as a float table of
+    ``(2*group_h - 1) * (2*group_w - 1)`` rows (dy-major, as the official table), and for each
+    (query, key) pair of the row-major members the row of its offset."""
+    span_h = torch.arange(1 - group_h, group_h, device=device)
+    span_w = torch.arange(1 - group_w, group_w, device=device)
+    table = torch.stack(torch.meshgrid(span_h, span_w, indexing="ij"), dim=-1).reshape(-1, 2).float()
+    member = torch.arange(group_h * group_w, device=device)
+    rows, cols = member // group_w, member % group_w
+    return table, ((rows[:, None] - rows[None, :] + group_h - 1) * (2 * group_w - 1)
+                   + cols[:, None] - cols[None, :] + group_w - 1)
 
 
 @register_notrace_function
 @torch.fx.wrap
 def group_index(H: int, W: int, layout: GroupLayout, device: torch.device) -> Tensor:
-    """``(num_groups * group**2,)``: where each grouped embedding comes from in the flattened ``H x W``
-    map, ``H * W`` for padding. Groups run over regions (row-major), then over the ``interval**2``
-    offsets inside a region; members are row-major. Members of a group lie ``interval`` apart.
+    """``(num_groups * group_h * group_w,)``: where each grouped embedding comes from in the
+    flattened ``H x W`` map, ``H * W`` for padding. Groups run over regions (row-major), then over
+    the ``interval**2`` offsets inside a region; members are row-major and ``interval`` apart.
 
     Computed element-wise from one ``arange`` (no tensor whose size may be 1, no view of a padded
     size), so that export reasons about it without guards on the input size."""
-    group, interval, top, bottom, left, right = layout
-    span = group * interval
-    regions_per_row = (left + W + right) // span
-    slot = torch.arange((top + H + bottom) // span * regions_per_row * interval * interval * group * group,
-                        device=device)
-    grouped, member = slot // (group * group), slot % (group * group)
+    group_h, group_w, interval, top, bottom, left, right = layout
+    members = group_h * group_w
+    region_rows = (top + H + bottom) // (group_h * interval)
+    regions_per_row = (left + W + right) // (group_w * interval)
+    slot = torch.arange(region_rows * regions_per_row * interval * interval * members, device=device)
+    grouped, member = slot // members, slot % members
     col_offset, grouped = grouped % interval, grouped // interval
     # remainder as a difference: ONNX has no remainder by a size computed at run time
     row_major = grouped // regions_per_row
     col_region, grouped = grouped - row_major * regions_per_row, row_major
     row_offset, row_region = grouped % interval, grouped // interval
-    row = row_region * span + member // group * interval + row_offset - top
-    col = col_region * span + member % group * interval + col_offset - left
+    row = row_region * group_h * interval + member // group_w * interval + row_offset - top
+    col = col_region * group_w * interval + member % group_w * interval + col_offset - left
     inside = (row >= 0) & (row < H) & (col >= 0) & (col < W)
     return (row * W + col).masked_fill(~inside, H * W)
 
@@ -241,45 +224,45 @@ def group_index(H: int, W: int, layout: GroupLayout, device: torch.device) -> Te
 def ungroup_index(H: int, W: int, layout: GroupLayout, device: torch.device) -> Tensor:
     """``(H, W)``: the position of each embedding in the flattened grouped tensor (inverse of
     :func:`group_index`)."""
-    group, interval, top, bottom, left, right = layout
-    span = group * interval
+    group_h, group_w, interval, top, bottom, left, right = layout
 
-    def coordinates(size: int, before: int) -> tuple[Tensor, Tensor, Tensor]:
-        """(region, offset, member) of each coordinate of the padded map."""
+    def coordinates(size: int, before: int, group: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(region, offset, member) of each coordinate of the padded map along one axis."""
         coord = torch.arange(size, device=device) + before
+        span = group * interval
         return coord // span, coord % span % interval, coord % span // interval
 
-    row_region, row_offset, row_member = coordinates(H, top)
-    col_region, col_offset, col_member = coordinates(W, left)
-    regions_per_row = (left + W + right) // span
+    row_region, row_offset, row_member = coordinates(H, top, group_h)
+    col_region, col_offset, col_member = coordinates(W, left, group_w)
+    regions_per_row = (left + W + right) // (group_w * interval)
     groups = ((row_region * interval + row_offset)[:, None] * regions_per_row + col_region[None, :]) * interval \
         + col_offset[None, :]
-    return groups * group * group + (row_member * group)[:, None] + col_member[None, :]
+    return groups * group_h * group_w + (row_member * group_w)[:, None] + col_member[None, :]
 
 
-def group_embeddings(x: Tensor, index: Tensor, group: int) -> Tensor:
-    """``(B, H, W, C)`` -> ``(B, num_groups, group**2, C)`` by a :func:`group_index`; padding is zeros.
+def group_embeddings(x: Tensor, index: Tensor, members: int) -> Tensor:
+    """``(B, H, W, C)`` -> ``(B, num_groups, members, C)`` by a :func:`group_index`; padding is zeros.
     A gather rather than pad + view + permute: no view of a padded size that export must reason about.
     ``index_select`` rather than indexing: its gradient is an ``index_add``, several times faster on a
     CPU than the accumulating ``index_put`` that indexing backpropagates through."""
     x = F.pad(x.flatten(1, 2), (0, 0, 0, 1))
-    return x.index_select(1, index).unflatten(1, (-1, group * group))
+    return x.index_select(1, index).unflatten(1, (-1, members))
 
 
 def ungroup_embeddings(x: Tensor, index: Tensor) -> Tensor:
-    """``(B, num_groups, group**2, C)`` -> ``(B, H, W, C)`` by an :func:`ungroup_index` (padding dropped)."""
+    """``(B, num_groups, members, C)`` -> ``(B, H, W, C)`` by an :func:`ungroup_index` (padding dropped)."""
     return x.flatten(1, 2).index_select(1, index.flatten()).unflatten(1, index.shape)
 
 
 @register_notrace_function
 @torch.fx.wrap
 def padding_mask(index: Tensor, H: int, W: int, layout: GroupLayout) -> Tensor | None:
-    """``(num_groups, group**2)`` booleans, True where a grouped embedding is padding; None when the
-    padding is known to be zero: in eager mode at a size that needs none. Traced and compiled code
-    always gets a mask, so that it holds for every size."""
-    if not torch.compiler.is_compiling() and all(isinstance(pad, int) and pad == 0 for pad in layout[2:]):
+    """``(num_groups, group_h * group_w)`` booleans, True where a grouped embedding is padding; None
+    when the padding is known to be zero: in eager mode at a size that needs none. Traced and
+    compiled code always gets a mask, so that it holds for every size."""
+    if not torch.compiler.is_compiling() and all(isinstance(pad, int) and pad == 0 for pad in layout[3:]):
         return None
-    return (index == H * W).unflatten(0, (-1, layout.group * layout.group))
+    return (index == H * W).unflatten(0, (-1, layout.group_h * layout.group_w))
 
 
 @register_notrace_function
@@ -382,11 +365,12 @@ class Attention(nn.Module):
         for name in ("biases", "relative_position_index"):
             state_dict.pop(prefix + name, None)
 
-    def position_bias(self, group: int) -> Tensor:
-        """``(num_heads, group**2, group**2)`` bias, from one DPB pass over all offsets.
+    def position_bias(self, group: tuple[int, int]) -> Tensor:
+        """``(num_heads, N, N)`` bias of a ``group = (Gh, Gw)`` group of ``N = Gh * Gw`` embeddings,
+        from one DPB pass over all offsets.
 
         Without gradients (eval under ``no_grad`` / ``inference_mode``) the bias is kept and reused
-        until the group size, the DPB's dtype or device, the autocast dtype, or its weights change:
+        until the group shape, the DPB's dtype or device, the autocast dtype, or its weights change:
         an in-place change (optimizer step, ``load_state_dict``, EMA update) bumps the weights'
         version counters. An edit through ``.data`` bypasses them: call ``model.train()`` or
         ``model.eval()`` afterwards to drop the bias."""
@@ -403,16 +387,16 @@ class Attention(nn.Module):
                 self._kept_bias = (key, self._position_bias(group))
         return self._kept_bias[1]
 
-    def _position_bias(self, group: int) -> Tensor:
-        table, index = relative_offsets(group, self.qkv.weight.device)
+    def _position_bias(self, group: tuple[int, int]) -> Tensor:
+        table, index = relative_offsets(group[0], group[1], self.qkv.weight.device)
         return self.pos(table.to(self.qkv.weight.dtype))[index].permute(2, 0, 1)
 
     def train(self, mode: bool = True) -> Attention:
         self._kept_bias = None
         return super().train(mode)
 
-    def forward(self, x: Tensor, group: int, padded_keys: Tensor | None = None) -> Tensor:
-        """``x``: ``(B, num_groups, group**2, C)`` -> same shape."""
+    def forward(self, x: Tensor, group: tuple[int, int], padded_keys: Tensor | None = None) -> Tensor:
+        """``x``: ``(B, num_groups, N, C)``, groups of ``group = (Gh, Gw)``, ``N = Gh * Gw`` -> same shape."""
         B, num_groups, N, C = x.shape
         qkv = self.qkv(x).view(B * num_groups, N, 3, self.num_heads, C // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
@@ -437,11 +421,15 @@ class CrossFormerBlock(nn.Module):
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, qk_scale: float | None = None,
                  drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
                  pad_type: int = 0, no_mask: bool = False, use_acl: bool = False,
-                 adaptive_interval: bool = False, cpe_height: int | None = None):
+                 adaptive_interval: bool = False, cpe_height: int | None = None, grouping: str = "crossformer_pp"):
         """``adaptive_interval``: LDA uses the interval ``ceil(max(H, W) / G)`` of the map it gets
         instead of ``interval``. ``cpe_height``: use CrossFormer++'s CPE instead of the DPB, built
-        for a map of this height (the stage's height at the configured image size)."""
+        for a map of this height (the stage's height at the configured image size). ``grouping``:
+        the layout of a map of any size, ``crossformer`` or ``crossformer_pp`` (see :meth:`layout`)."""
         super().__init__()
+        if grouping not in ("crossformer", "crossformer_pp"):
+            raise ValueError(f"grouping must be 'crossformer' or 'crossformer_pp', got {grouping!r}")
+        self.grouping = grouping
         self.group_size = group_size
         self.interval = interval
         self.use_lda = use_lda
@@ -461,22 +449,10 @@ class CrossFormerBlock(nn.Module):
             self.ex_ln = nn.LayerNorm(dim)
 
     def layout(self, H: int, W: int) -> GroupLayout:
-        """How this block groups and pads an ``H x W`` map. With ``adaptive_interval`` an LDA block
-        takes the interval ``ceil(max(H, W) / G)``, as the official code does for its square maps."""
-        interval = self.interval if self.use_lda else 1
-        if self.use_lda and self.adaptive_interval:
-            interval = (torch.sym_max(H, W) + self.group_size - 1) // self.group_size
-        return group_layout(H, W, self.group_size, interval, self.pad_type)
-
-    def grouping(self, H: int, W: int) -> tuple[int, int]:
-        """(group size, interval) used for an ``H x W`` map; interval 1 means SDA."""
-        layout = self.layout(H, W)
-        return layout.group, layout.interval
-
-    def padding(self, H: int, W: int) -> tuple[int, int, int, int]:
-        """(top, bottom, left, right) zero rows/columns that make the map a multiple of a region."""
-        layout = self.layout(H, W)
-        return layout.top, layout.bottom, layout.left, layout.right
+        """How this block groups and pads an ``H x W`` map (group shape, interval, padding), decided
+        per call by :func:`crossformer.grouping.group_layout` without changing the block's state."""
+        return block_layout(H, W, self.group_size, self.interval, self.use_lda, self.grouping, self.pad_type,
+                            self.adaptive_interval)
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, H, W, C)`` -> same shape."""
@@ -486,7 +462,8 @@ class CrossFormerBlock(nn.Module):
         normed = self.norm1(x)
         if self.cpe is not None:
             normed = normed + self.norm_cpe(self.cpe(normed))
-        grouped = self.attn(group_embeddings(normed, index, layout.group), layout.group, padding)
+        group = (layout.group_h, layout.group_w)
+        grouped = self.attn(group_embeddings(normed, index, group[0] * group[1]), group, padding)
         x = x + self.drop_path(ungroup_embeddings(grouped, inverse))
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         if self.use_acl:
@@ -494,11 +471,12 @@ class CrossFormerBlock(nn.Module):
         return x
 
     def flops(self, H: int, W: int) -> int:
-        """Multiply-accumulates for an ``H x W`` map, counted like the official code: groups of
-        the unpadded map, and the DPB MLP once per query embedding; plus activation cooling and
-        CPE, which it leaves out."""
+        """Multiply-accumulates for an ``H x W`` map, counted like the official code: the unpadded
+        map as ``H*W / N`` groups of the layout's ``N`` embeddings, and the DPB MLP once per query
+        embedding; plus activation cooling and CPE, which it leaves out."""
         dim = self.norm1.normalized_shape[0]
-        tokens = self.grouping(H, W)[0] ** 2
+        layout = self.layout(H, W)
+        tokens = layout.group_h * layout.group_w
         per_token = 4 * dim * dim + 2 * tokens * dim
         if self.attn.pos is not None:
             pos_dim, heads = self.attn.pos.pos_dim, self.attn.num_heads
@@ -517,7 +495,8 @@ class Stage(nn.Module):
     def __init__(self, dim: int, depth: int, num_heads: int, group_sizes: Sequence[int], interval: int,
                  mlp_ratio: float, qkv_bias: bool, qk_scale: float | None, drop: float, attn_drop: float,
                  drop_path: Sequence[float], merge_size: Sequence[int] | None, pad_type: int,
-                 no_mask: bool, use_acl: bool, adaptive_interval: bool = False, cpe_height: int | None = None):
+                 no_mask: bool, use_acl: bool, adaptive_interval: bool = False, cpe_height: int | None = None,
+                 grouping: str = "crossformer_pp"):
         """``group_sizes``: one per block."""
         super().__init__()
         self.blocks = nn.ModuleList(
@@ -525,7 +504,7 @@ class Stage(nn.Module):
                              qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop, attn_drop=attn_drop,
                              drop_path=drop_path[i], pad_type=pad_type, no_mask=no_mask,
                              use_acl=use_acl and (i + 1) % 3 == 0 and i < depth - 1,
-                             adaptive_interval=adaptive_interval, cpe_height=cpe_height)
+                             adaptive_interval=adaptive_interval, cpe_height=cpe_height, grouping=grouping)
             for i in range(depth)
         )
         self.downsample = PatchMerging(dim, merge_size) if merge_size else None
@@ -560,10 +539,13 @@ class CrossFormer(nn.Module):
                  merge_size: Sequence[Sequence[int]] = ((2, 4), (2, 4), (2, 4)),
                  group_type: str = "constant", use_acl: bool = False, pad_type: int = 0,
                  no_mask: bool = False, adaptive_interval: bool = False, use_cpe: bool = False,
-                 global_pool: str = "avg"):
+                 global_pool: str = "avg", grouping: str = "auto"):
         """``group_type``, ``adaptive_interval``, ``use_cpe``: the CrossFormer++ options (see
         :func:`block_group_sizes`, :class:`CrossFormerBlock`, :class:`RowConvPositionEncoding`);
-        group sizes and CPE are set for ``img_size``, intervals follow the map at run time."""
+        group sizes and CPE are set for ``img_size``, intervals follow the map at run time.
+        ``grouping``: the layout at sizes other than the configured square one (detection,
+        segmentation): ``crossformer`` (the ICLR backbone's), ``crossformer_pp`` (the CrossFormer++
+        backbone's) or ``auto``, which follows the family: ``crossformer`` unless ``use_acl``."""
         super().__init__()
         num_stages = len(depths)
         for name, values in (("num_heads", num_heads), ("group_size", group_size), ("interval", interval)):
@@ -578,6 +560,7 @@ class CrossFormer(nn.Module):
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         self.num_classes = num_classes
         self.global_pool = global_pool
+        self.grouping = resolve_grouping(grouping, use_acl)
         self.num_features = self.head_hidden_size = embed_dim * 2 ** (num_stages - 1)
         self.output_fmt = "NHWC"  # of forward_features; forward_intermediates gives NCHW
         self.feature_info = [dict(num_chs=embed_dim * 2 ** i, reduction=patch_size[0] * 2 ** i, module=f"layers.{i}")
@@ -598,7 +581,7 @@ class CrossFormer(nn.Module):
             Stage(embed_dim * 2 ** i, depths[i], num_heads[i], self.group_sizes[i], interval[i], mlp_ratios[i],
                   qkv_bias, qk_scale, drop_rate, attn_drop_rate, drop_paths[sum(depths[:i]):sum(depths[:i + 1])],
                   merge_size[i] if i < num_stages - 1 else None, pad_type, no_mask, use_acl,
-                  adaptive_interval, cpe_height=resolution // 2 ** i if use_cpe else None)
+                  adaptive_interval, cpe_height=resolution // 2 ** i if use_cpe else None, grouping=self.grouping)
             for i in range(num_stages)
         )
         self.norm = nn.LayerNorm(self.num_features)

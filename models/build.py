@@ -48,7 +48,8 @@ def cross_scale_kwargs(config: CfgNode) -> dict:
 
 
 def _cross_scale(config: CfgNode) -> CrossFormer:
-    return CrossFormer(**cross_scale_kwargs(config))
+    # MODEL.CROS.GROUPING is the PyTorch model's alone until the Flax port takes it too
+    return CrossFormer(**cross_scale_kwargs(config), grouping=config.MODEL.CROS.GROUPING)
 
 
 def _timm(config: CfgNode) -> nn.Module:

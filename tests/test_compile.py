@@ -21,7 +21,9 @@ from utils import DistInfo
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CFG = os.path.join(REPO, "configs", "demo", "digits.yaml")
 # The demo model (group 4): stage 3 holds a single 4x4 group at 64x64 and is padded into several
-# groups at 96x80 and 112x80, as CrossFormer-T's last stage is at 224x224 and at 256x256.
+# groups at 96x80 and 112x80, as CrossFormer-T's last stage is at 224x224 and at 256x256. USE_ACL is
+# False, so it groups as the ICLR backbone: its LDA groups change shape with the size (8x8, 12x10, 14x10
+# in stage 1); the crossformer_pp layout keeps them 4x4.
 SIZES = ((64, 64), (96, 80), (112, 80))
 
 
@@ -44,13 +46,13 @@ def fresh_dynamo(monkeypatch):
     torch.set_num_threads(threads)
 
 
-def demo_model() -> torch.nn.Module:
+def demo_model(opts=()) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model(load_config(DEMO_CFG)).eval()
+    return build_model(load_config(DEMO_CFG, list(opts))).eval()
 
 
-def check_one_graph_for_all_sizes(backend: str, sizes=SIZES, batches=(2,)) -> None:
-    model = demo_model()
+def check_one_graph_for_all_sizes(backend: str, sizes=SIZES, batches=(2,), opts=()) -> None:
+    model = demo_model(opts)
     eager = {name: p.detach().clone() for name, p in model.state_dict().items()}
     runtime.compile_model(model, backend=backend)
     assert set(model.state_dict()) == set(eager)  # compiled in place: no "_orig_mod." names
@@ -69,6 +71,10 @@ def check_one_graph_for_all_sizes(backend: str, sizes=SIZES, batches=(2,)) -> No
 
 def test_compiled_forward_equals_eager_at_every_size_from_one_graph():
     check_one_graph_for_all_sizes("aot_eager", batches=(2, 3))
+
+
+def test_compiled_crossformer_pp_layout_equals_eager_at_every_size_from_one_graph():
+    check_one_graph_for_all_sizes("aot_eager", opts=["MODEL.CROS.GROUPING", "crossformer_pp"])
 
 
 @pytest.mark.slow

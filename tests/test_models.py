@@ -83,6 +83,49 @@ def test_released_checkpoint_with_index_buffers_loads():
     assert not any(k.endswith(("attn.biases", "relative_position_index")) for k in fresh.state_dict())
 
 
+DENSE = {name: torch.load(os.path.join(FIXTURES, f"{name}_dense_micro.pt"), weights_only=True)
+         for name in ("v1", "pp")}
+DENSE_LAYOUT = {"v1": "crossformer", "pp": "crossformer_pp"}  # the layout of each official backbone
+
+
+def dense_model(name: str, case: dict, grouping: str = "auto") -> CrossFormer:
+    """Our model with the official backbone's weights (no final norm, no head) and the case's
+    group sizes and intervals."""
+    config = DENSE[name]["config"]
+    model = CrossFormer(patch_size=config["patch_size"], merge_size=config["merge_size"],
+                        embed_dim=config["embed_dim"], depths=config["depths"], num_heads=config["num_heads"],
+                        group_size=case["group_size"], interval=case["interval"], mlp_ratio=config["mlp_ratio"],
+                        qkv_bias=config["qkv_bias"], use_acl=config["use_acl"], num_classes=0,
+                        grouping=grouping).eval()
+    result = model.load_state_dict(DENSE[name]["state_dict"], strict=False)
+    assert not result.unexpected_keys and {key.split(".")[0] for key in result.missing_keys} == {"norm"}
+    return model
+
+
+def dense_input(case: dict) -> torch.Tensor:
+    x = torch.randn(1, 3, *case["input_size"], generator=torch.Generator().manual_seed(case["input_seed"]))
+    assert x.sum().item() == pytest.approx(case["input_sum"], abs=1e-3)  # the fixture's input
+    return x
+
+
+@pytest.mark.parametrize("name,case", [(name, i) for name in DENSE for i in range(6)])
+def test_dense_stage_maps_match_the_official_backbone_of_the_layout(name, case):
+    """At detection/segmentation sizes (224x352, 256x320, 352x224) the two official backbones
+    group differently; each layout reproduces its own backbone's raw stage maps, the other does not."""
+    case = DENSE[name]["cases"][case]
+    x = dense_input(case)
+    other = "crossformer_pp" if DENSE_LAYOUT[name] == "crossformer" else "crossformer"
+    differences = {}
+    for grouping in ("auto", other):  # auto: the family's layout (USE_ACL)
+        model = dense_model(name, case, grouping)
+        with torch.no_grad():
+            maps = model.forward_intermediates(x, intermediates_only=True)
+        assert [m.shape for m in maps] == [m.shape for m in case["maps"]]
+        differences[model.grouping] = max((ours - official).abs().max().item()
+                                          for ours, official in zip(maps, case["maps"]))
+    assert differences[DENSE_LAYOUT[name]] <= 1e-4 and differences[other] > 0.1, differences
+
+
 def explicit_attention(attn: Attention, x: torch.Tensor, group: int, padded_keys):
     """softmax(Q K^T * scale + bias + mask) V written out, as the reference for the SDPA path."""
     B, num_groups, N, C = x.shape
@@ -110,28 +153,30 @@ def test_sdpa_equals_explicit_softmax_attention(masked):
     if masked:
         padded[:, 0] = False  # every group keeps one real key, as real padding always does
     with torch.no_grad():
-        torch.testing.assert_close(attn(x, 4, padded), explicit_attention(attn, x, 4, padded), rtol=0, atol=1e-5)
+        torch.testing.assert_close(attn(x, (4, 4), padded), explicit_attention(attn, x, 4, padded), rtol=0, atol=1e-5)
 
 
 def test_grouping_round_trip_and_lda_members_are_interval_apart():
     x = torch.arange(32 * 32).float().view(1, 32, 32, 1)
-    for group, interval in [(4, 1), (4, 4), (2, 8)]:
-        layout = GroupLayout(group, interval, 0, 0, 0, 0)
-        groups = group_embeddings(x, group_index(32, 32, layout, x.device), group)
-        assert groups.shape == (1, 32 * 32 // group ** 2, group * group, 1)
+    for group_h, group_w, interval in [(4, 4, 1), (4, 4, 4), (2, 2, 8), (2, 4, 8), (8, 4, 4)]:
+        layout = GroupLayout(group_h, group_w, interval, 0, 0, 0, 0)
+        groups = group_embeddings(x, group_index(32, 32, layout, x.device), group_h * group_w)
+        assert groups.shape == (1, 32 * 32 // (group_h * group_w), group_h * group_w, 1)
         torch.testing.assert_close(ungroup_embeddings(groups, ungroup_index(32, 32, layout, x.device)), x)
         first = groups[0, 1, :, 0].long()  # second group of the first region
         rows, cols = first // 32, first % 32
         assert set(rows.diff().tolist()) <= {0, interval} and set(cols.unique().diff().tolist()) == {interval}
+        assert len(rows.unique()) == group_h and len(cols.unique()) == group_w
 
 
 def test_padded_grouping_round_trip_and_padding_is_zero():
     x = torch.randn(2, 17, 18, 3)
     for pad_type in (0, 1):
-        block = CrossFormerBlock(dim=8, num_heads=1, group_size=4, interval=2, use_lda=True, pad_type=pad_type)
+        block = CrossFormerBlock(dim=8, num_heads=1, group_size=4, interval=2, use_lda=True, pad_type=pad_type,
+                                 grouping="crossformer_pp")
         layout = block.layout(17, 18)
         index = group_index(17, 18, layout, x.device)
-        groups = group_embeddings(x, index, 4)
+        groups = group_embeddings(x, index, 16)
         assert groups.shape == (2, 3 * 3 * 4, 16, 3)  # padded to 24x24: 3x3 regions of 2x2 groups
         padded = (index == 17 * 18).view(-1, 16)
         assert int(padded.sum()) == 24 * 24 - 17 * 18 and (groups[:, padded] == 0).all()
@@ -224,7 +269,8 @@ def test_any_input_size_logits_and_pyramid_strides(height, width):
 
 def test_fully_padded_groups_give_no_nan_forward_or_backward():
     torch.manual_seed(0)
-    block = CrossFormerBlock(dim=16, num_heads=2, group_size=4, interval=4, use_lda=True).train()
+    block = CrossFormerBlock(dim=16, num_heads=2, group_size=4, interval=4, use_lda=True,
+                             grouping="crossformer_pp").train()
     x = torch.randn(2, 17, 18, 16, requires_grad=True)  # padded to 32x32: some groups hold only padding
     padded = group_index(17, 18, block.layout(17, 18), x.device).view(-1, 16) == 17 * 18
     assert padded.all(dim=1).any()
@@ -234,19 +280,30 @@ def test_fully_padded_groups_give_no_nan_forward_or_backward():
     assert all(torch.isfinite(p.grad).all() for p in block.parameters()) and torch.isfinite(x.grad).all()
 
 
-def test_padding_split_and_small_map_falls_back_to_sda():
-    block = CrossFormerBlock(dim=16, num_heads=2, group_size=4, interval=2, use_lda=True, pad_type=1)
-    assert block.grouping(20, 20) == (4, 2) and block.padding(20, 20) == (2, 2, 2, 2)
-    assert block.grouping(3, 10) == (3, 1) and block.padding(3, 10) == (0, 0, 1, 1)
+@pytest.mark.parametrize("grouping,small_map", [
+    # the ICLR backbone: SDA with G' = min(H, W) = 3, the 10 columns padded to 12 (split: 1 + 1)
+    ("crossformer", GroupLayout(3, 3, 1, 0, 0, 1, 1)),
+    # the CrossFormer++ backbone: one group of max(H, W) = 10, the 3 rows padded to 10 (split: 3 + 4)
+    ("crossformer_pp", GroupLayout(10, 10, 1, 3, 4, 0, 0))])
+def test_padding_split_and_small_map_falls_back_to_sda(grouping, small_map):
+    block = CrossFormerBlock(dim=16, num_heads=2, group_size=4, interval=2, use_lda=True, pad_type=1,
+                             grouping=grouping)
+    # 20x20 with G=4, I=2: CrossFormer++ tiles 8x8 regions (padded to 24x24), the ICLR layout keeps
+    # I and grows the groups to 10x10
+    assert block.layout(20, 20) == ((4, 4, 2, 2, 2, 2, 2) if grouping == "crossformer_pp" else (10, 10, 2, 0, 0, 0, 0))
+    assert block.layout(3, 10) == small_map
     out = block(torch.randn(1, 3, 10, 16))
     assert out.shape == (1, 3, 10, 16) and torch.isfinite(out).all()
+    assert block.group_size == 4 and block.use_lda  # decided per call: the block's state is unchanged
+    assert block.layout(20, 20).interval == 2
 
 
-def test_padded_keys_get_no_weight():
+@pytest.mark.parametrize("grouping", ["crossformer", "crossformer_pp"])
+def test_padded_keys_get_no_weight(grouping):
     """The 2x2 real corner of a 6x6 map sits in a 4x4 group that is three-quarters padding; with
     the padding masked it must equal the block run on that 2x2 alone (same offsets, same DPB)."""
     torch.manual_seed(0)
-    block = CrossFormerBlock(dim=16, num_heads=2, group_size=4, interval=1, use_lda=False).eval()
+    block = CrossFormerBlock(dim=16, num_heads=2, group_size=4, interval=1, use_lda=False, grouping=grouping).eval()
     x = torch.randn(1, 6, 6, 16)
     with torch.no_grad():
         alone = block(x[:, 4:, 4:])

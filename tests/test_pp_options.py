@@ -78,10 +78,12 @@ def test_option_runs_at_other_input_sizes(name, tmp_path):
 def test_adaptive_interval_follows_the_map_at_run_time(tmp_path):
     model, _ = fixture_model("pp_adapt_inter_micro", tmp_path)
     lda = model.layers[0].blocks[1]
-    assert lda.grouping(32, 32) == (7, 5)  # the official ceil(32 / 7) at the configured 128x128
-    assert lda.grouping(48, 80) == (7, math.ceil(80 / 7))
-    assert lda.padding(48, 80) == (0, 7 * 12 - 48, 0, 7 * 12 - 80)
-    assert model.layers[0].blocks[0].grouping(48, 80) == (7, 1)  # SDA blocks keep interval 1
+    assert model.grouping == "crossformer_pp"  # USE_ACL
+    assert lda.layout(32, 32) == (7, 7, 5, 0, 3, 0, 3)  # the official ceil(32 / 7) at the configured 128x128
+    assert lda.layout(48, 80) == (7, 7, math.ceil(80 / 7), 0, 7 * 12 - 48, 0, 7 * 12 - 80)
+    assert model.layers[0].blocks[0].layout(48, 80).interval == 1  # SDA blocks keep interval 1
+    lda.grouping = "crossformer"  # the ICLR layout keeps the interval and grows the groups
+    assert lda.layout(48, 80) == (math.ceil(48 / 12), math.ceil(80 / 12), 12, 0, 0, 0, 84 - 80)
 
 
 def test_cpe_is_the_official_row_wise_convolution_and_follows_other_heights():

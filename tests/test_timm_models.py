@@ -119,9 +119,12 @@ def test_grad_checkpointing_and_layer_decay_groups():
 
 
 # ----------------------------------------------------------------------------- tracing and export
-def test_fx_and_feature_extractors_follow_the_input_size():
+@pytest.mark.parametrize("name", ["crossformer_pp_small_patch4_group_const_224", "crossformer_tiny_patch4_group7_224"])
+def test_fx_and_feature_extractors_follow_the_input_size(name):
+    """Both grouping layouts (CrossFormer++ and the ICLR one), at sizes where the groups are padded
+    and, at 96x160, where the last stage's 3x5 map is smaller than a group."""
     from torchvision.models.feature_extraction import create_feature_extractor
-    model = tiny().eval()
+    model = tiny(name).eval()
     graph = torch.fx.symbolic_trace(model)
     extractor = create_feature_extractor(model, {"layers.2.blocks.1": "stage3", "head": "logits"})
     with torch.no_grad():
@@ -148,8 +151,9 @@ def test_jit_trace_and_torchscript_onnx_exporter_refuse():
 
 
 def test_exported_program_matches_eager_at_every_size_then_eager_still_right():
-    model = tiny("crossformer_tiny_patch4_group7_224").eval()
-    inputs = [torch.randn(1, 3, *size) for size in SIZES]
+    model = tiny("crossformer_tiny_patch4_group7_224").eval()  # the ICLR layout: LDA groups grow with the map
+    assert model.grouping == "crossformer"
+    inputs = [torch.randn(1, 3, *size) for size in SIZES + ((264, 300),)]  # 264x300: LDA groups padded
     with torch.no_grad():
         expected = [model(x) for x in inputs]
     program = crossformer.export_program(model, inputs[0])
