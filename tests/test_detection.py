@@ -24,6 +24,7 @@ from pycocotools import mask as mask_utils
 
 import detection.digits_coco as digits_coco
 from config import UserError, load_config
+from conftest import dense_fixture_input, dense_fixture_opts, load_dense_fixture, read_flops_table
 from detection import engine
 from detection.backbone import build_backbone
 from detection.coco import CategoryMap, CocoDetection, load_coco
@@ -107,6 +108,24 @@ def test_backbone_gives_fpn_maps_at_an_odd_size(det_type):
     assert sizes[0] == (83, 129)  # 333x517 at stride 4 (the embedding convs round down)
     for feature in maps.values():
         assert feature.shape[:2] == (1, backbone.out_channels) and torch.isfinite(feature).all()
+
+
+@pytest.mark.parametrize("family, case", [(family, case) for family in ("v1", "pp") for case in range(6)])
+def test_the_fpn_gets_the_official_backbones_raw_stage_maps(family, case):
+    """At non-square sizes (224x352, 256x320, 352x224; groups 7/8 and 14/16) the FPN receives the
+    stage maps of the authors' detection backbone of the config's family (USE_ACL: the ICLR layout
+    for CrossFormer, the ++ layout for CrossFormer++), unnormalised."""
+    fixture = load_dense_fixture(family)
+    case = fixture["cases"][case]
+    backbone = build_backbone(demo_config(*dense_fixture_opts(fixture, case))).eval()
+    backbone.body.load_state_dict(fixture["state_dict"])  # strict: neither head nor final norm is left
+    received = []
+    backbone.fpn.register_forward_pre_hook(lambda module, args: received.append(list(args[0].values())))
+    with torch.no_grad():
+        backbone(dense_fixture_input(case))
+    assert len(received[0]) == 4
+    for ours, official in zip(received[0], case["maps"]):
+        torch.testing.assert_close(ours, official, atol=1e-4, rtol=0)
 
 
 # ----------------------------------------------------------------------------- training step
@@ -482,6 +501,31 @@ def test_3x_configs_train_multi_scale_for_36_epochs():
         config = load_config(os.path.join(REPO, "configs", "detection", f"mask_rcnn_crossformer_{size}_fpn_3x_coco.yaml"))
         assert config.TRAIN.EPOCHS == 36 and min(config.DET.MIN_SIZE) == 480 and config.DET.MIN_SIZE[-1] == 800
         assert config.DET.MAX_SIZE == 1333 and config.MODEL.DROP_PATH_RATE == {"s": 0.2, "b": 0.3}[size]
+
+
+PAPER_FLOPS_WITHIN = 0.015  # the paper's 1x figures; its 3x and Cascade figures are reported beside ours
+
+
+def test_flops_table_lists_every_detection_config():
+    """One row per config of configs/detection/ (the demos and the schedule bases aside)."""
+    configs = {name[:-5] for name in os.listdir(os.path.join(REPO, "configs", "detection"))}
+    configs -= {"coco_1x", "coco_3x", "cascade_3x", "demo_digits", "demo_digits_cascade"}
+    assert sorted(row["config"] for row in read_flops_table("detection.md")) == sorted(configs)
+
+
+@pytest.mark.parametrize("row", read_flops_table("detection.md"), ids=lambda row: row["config"])
+def test_flops_table_rows_are_the_scripts_count(row):
+    """docs/detection.md's table is what detection/get_flops.py counts at 1280x800, and the 1x
+    configs are within 1.5% of the paper."""
+    from detection.get_flops import count
+    params, macs, _ = count(paper_config(row["config"]), 800, 1280)
+    assert (row["parameters"], row["gflops"]) == (f"{params / 1e6:.2f}M", f"{macs / 1e9:.1f}")
+    if row["paper_gflops"] != "—":
+        paper = float(row["paper_gflops"])
+        assert row["difference"] == f"{round(100 * (float(row['gflops']) / paper - 1), 1) + 0.0:+.1f}%"
+        if "_1x_" in row["config"]:
+            assert abs(macs / 1e9 / paper - 1) < PAPER_FLOPS_WITHIN
+
 
 
 # ----------------------------------------------------------------------------- end to end
