@@ -2,7 +2,8 @@
 report, per epoch, bbox AP50 / AP and segm AP with the wall-clock and CPU minutes since the start
 (data generation, if needed, included), and when bbox AP50 first reached 0.7.
 
-    python benchmarks/detection_demo.py [--threads 2] [--data-path DIR] [--output DIR]
+    python benchmarks/detection_demo.py [--cfg configs/detection/demo_digits_cascade.yaml] [--threads 2]
+        [--data-path DIR] [--output DIR]
 
 CPU minutes (user + system of the training process) tell how much of the wall time a busy machine
 took away. The run folder is a fresh temporary one unless --output is given.
@@ -18,8 +19,11 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from config import load_config  # noqa: E402
+
 CONFIG = "configs/detection/demo_digits.yaml"
-RUN_SUBDIR = os.path.join("mask_rcnn_demo_digits", "default")
 TARGET_AP50 = 0.7
 
 
@@ -32,16 +36,18 @@ def cpu_seconds(pid: int) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cfg", default=CONFIG, help="demo config (e.g. configs/detection/demo_digits_cascade.yaml)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (OMP_NUM_THREADS)")
     parser.add_argument("--data-path", default="", help="where the demo set is (written there if missing)")
     parser.add_argument("--output", default="", help="run folder root (default: a temporary folder)")
     args = parser.parse_args()
     output = args.output or tempfile.mkdtemp(prefix="detection_demo_")
-    command = [sys.executable, "detection/train.py", "--cfg", CONFIG, "--output", output]
+    command = [sys.executable, "detection/train.py", "--cfg", args.cfg, "--output", output]
     if args.data_path:
         command += ["--data-path", args.data_path]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1")
-    metrics_file = os.path.join(output, RUN_SUBDIR, "metrics.jsonl")
+    name = load_config(os.path.join(REPO, args.cfg)).MODEL.NAME  # the run folder's name
+    metrics_file = os.path.join(output, name, "default", "metrics.jsonl")
     start = time.time()
     os.makedirs(output, exist_ok=True)
     errors_file = os.path.join(output, "stderr.txt")
