@@ -119,6 +119,9 @@ _C.TRAIN.OPTIMIZER.NAME = "adamw"  # adamw, sgd
 _C.TRAIN.OPTIMIZER.EPS = 1e-8
 _C.TRAIN.OPTIMIZER.BETAS = (0.9, 0.999)
 _C.TRAIN.OPTIMIZER.MOMENTUM = 0.9
+# mmcv's rule (the dense configs): parameters whose name contains one of these go without weight
+# decay, all others (norms and biases included) with it. None: classification's rule (optimizer.py).
+_C.TRAIN.OPTIMIZER.NO_DECAY_KEYS = None
 
 # ----------------------------------------------------------------------------- augmentation
 _C.AUG = CN()
@@ -143,25 +146,44 @@ _C.TEST.CROP = True
 # Used only by detection/train.py and detection/test.py. DATA.DATASET is 'coco' (a COCO-layout
 # folder) or 'digits' (the bundled demo set); MODEL.NUM_CLASSES counts object categories.
 _C.DET = CN()
-_C.DET.TYPE = "mask_rcnn"  # mask_rcnn, faster_rcnn, retinanet (torchvision.models.detection)
+_C.DET.TYPE = "mask_rcnn"  # mask_rcnn, faster_rcnn, retinanet, cascade_mask_rcnn
 _C.DET.FPN_CHANNELS = 256
 _C.DET.MIN_SIZE = [800]  # short side; several values: one drawn per training image, the last one at test
 _C.DET.MAX_SIZE = 1333  # long-side limit
 _C.DET.ANCHOR_SIZES = [32, 64, 128, 256, 512]  # one base size per pyramid level
 _C.DET.ASPECT_RATIOS = [0.5, 1.0, 2.0]
+_C.DET.P7_RELU = False  # RetinaNet: ReLU on P6 before the P7 conv (torchvision's LastLevelP6P7; mmdet has none)
 _C.DET.RPN_PRE_NMS_TOP_N_TRAIN = 2000  # proposals per level before NMS
 _C.DET.RPN_PRE_NMS_TOP_N_TEST = 1000
-_C.DET.RPN_POST_NMS_TOP_N_TRAIN = 2000
+_C.DET.RPN_POST_NMS_TOP_N_TRAIN = 1000  # proposals per image after NMS (mmdet's Cascade R-CNN: 2000)
 _C.DET.RPN_POST_NMS_TOP_N_TEST = 1000
+_C.DET.RPN_BOX_LOSS = "l1"  # l1 (mmdet's Mask R-CNN) or smooth_l1 (beta 1/9: torchvision, mmdet's Cascade R-CNN)
+_C.DET.ROI_ALIGN_ALIGNED = True  # half-pixel offset of mmcv's RoIAlign (torchvision's default: False)
+_C.DET.ROI_ALIGN_SAMPLING_RATIO = 0  # points per bin side; 0: adaptive, as mmcv (torchvision's default: 2)
 _C.DET.BOX_BATCH_SIZE_PER_IMAGE = 512  # sampled RoIs per image for the box head
-_C.DET.BOX_HEAD_DIM = 1024  # the two fully connected layers of the box head
+_C.DET.BOX_HEAD_CONVS = 0  # 3x3 conv + BatchNorm + ReLU layers (FPN_CHANNELS wide) before the FC layers
+_C.DET.BOX_HEAD_FCS = 2  # fully connected layers of the box head, BOX_HEAD_DIM wide
+_C.DET.BOX_HEAD_DIM = 1024
+_C.DET.ROI_BOX_LOSS = "l1"  # l1, smooth_l1 (beta 1/9, torchvision's) or giou (on the decoded boxes)
+_C.DET.ROI_BOX_LOSS_WEIGHT = 1.0
+# One entry per R-CNN stage: one for mask_rcnn and faster_rcnn, several for cascade_mask_rcnn.
+_C.DET.ROI_IOU_THRESHOLDS = [0.5]  # a sampled RoI is positive at this IoU with a ground-truth box, else negative
+_C.DET.ROI_STAGE_WEIGHTS = [1.0]  # loss weight of each stage
+_C.DET.ROI_TARGET_STDS = [[0.1, 0.1, 0.2, 0.2]]  # box deltas are divided by these (mmdet's target_stds)
 _C.DET.MASK_HEAD_CONVS = 4
 _C.DET.SCORE_THRESH = 0.05
 _C.DET.DETECTIONS_PER_IMG = 100
+_C.DET.TEST_BATCH_SIZE = 1  # images per process at evaluation (a batch pads its images to one size)
 _C.DET.LR_STEPS = [8, 11]  # epochs after which the learning rate is multiplied by TRAIN.LR_SCHEDULER.DECAY_RATE
 _C.DET.WARMUP_ITERS = 500  # linear warm-up from BASE_LR * WARMUP_RATIO, in optimizer steps
 _C.DET.WARMUP_RATIO = 0.001
 _C.DET.HFLIP = 0.5
+# Swin Transformer's 3x crop policy: with probability CROP_PROB a training image is resized to a short
+# side drawn from CROP_SHORT_SIDES (long side <= MAX_SIZE) and cropped to a random height and width in
+# CROP_SIZE (pixels, at most the image's); then MIN_SIZE's multi-scale resize applies as to every image.
+_C.DET.CROP_PROB = 0.0
+_C.DET.CROP_SHORT_SIDES = [400, 500, 600]
+_C.DET.CROP_SIZE = [384, 600]
 # ----------------------------------------------------------------------------- segmentation
 # segmentation/train.py and test.py only (mmseg's names where they have one). DATA.DATASET is
 # 'ade20k' (the ADE20K folder layout) or 'digit_scenes' (the bundled demo, written once).

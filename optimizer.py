@@ -1,7 +1,7 @@
 """The optimizer: AdamW or SGD over two parameter groups, with and without weight decay."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -18,21 +18,33 @@ def _skips_weight_decay(name: str, param: nn.Parameter, skip_names: set[str],
             or any(keyword in name for keyword in skip_keywords))
 
 
-def split_weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def _no_decay_test(model: nn.Module, no_decay_keys: Iterable[str] | None) -> Callable[[str, nn.Parameter], bool]:
+    """Whether a named parameter trains without weight decay (the rules of split_weight_decay_groups)."""
+    if no_decay_keys is not None:
+        keys = tuple(no_decay_keys)
+        return lambda name, param: any(key in name for key in keys)
+    skip_names = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    skip_keywords = (set(model.no_weight_decay_keywords())
+                     if hasattr(model, "no_weight_decay_keywords") else set())
+    return lambda name, param: _skips_weight_decay(name, param, skip_names, skip_keywords)
+
+
+def split_weight_decay_groups(model: nn.Module, weight_decay: float,
+                              no_decay_keys: Iterable[str] | None = None) -> list[dict]:
     """Trainable parameters as ``[decayed, not decayed]`` optimizer groups (empty ones left out).
 
     Not decayed: scalar and 1-D parameters (norm weights, biases), names ending in ``.bias``,
     names in ``model.no_weight_decay()`` and names containing a keyword of
-    ``model.no_weight_decay_keywords()``.
+    ``model.no_weight_decay_keywords()``. With ``no_decay_keys`` (TRAIN.OPTIMIZER.NO_DECAY_KEYS:
+    mmcv's ``paramwise_cfg`` with ``decay_mult=0``, as the detection and segmentation configs use
+    it) only the names containing one of those keys go without decay.
     """
-    skip_names = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    skip_keywords = (set(model.no_weight_decay_keywords())
-                     if hasattr(model, "no_weight_decay_keywords") else set())
+    skips = _no_decay_test(model, no_decay_keys)
     decayed, not_decayed = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if _skips_weight_decay(name, param, skip_names, skip_keywords):
+        if skips(name, param):
             not_decayed.append(param)
         else:
             decayed.append(param)
@@ -52,7 +64,7 @@ def build_optimizer(config, model: nn.Module) -> torch.optim.Optimizer:
     """The optimizer named by TRAIN.OPTIMIZER.NAME, at the (already scaled) TRAIN.BASE_LR. AdamW
     is fused when the model is on CUDA; elsewhere torch picks its implementation as before."""
     train = config.TRAIN
-    groups = split_weight_decay_groups(model, train.WEIGHT_DECAY)
+    groups = split_weight_decay_groups(model, train.WEIGHT_DECAY, train.OPTIMIZER.NO_DECAY_KEYS)
     name = train.OPTIMIZER.NAME.lower()
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=train.BASE_LR, eps=train.OPTIMIZER.EPS,

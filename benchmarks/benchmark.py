@@ -8,6 +8,14 @@ Model names are timm names or their unique prefixes (``crossformer_small`` is
 similar cost: crossformer_small ~ swin_tiny, crossformer_base ~ swin_small, crossformer_large ~
 swin_base.
 
+``--img-size H W`` measures at a non-square size; ``--features`` times the backbone instead of the
+classifier: the stage maps (``forward_intermediates``, as detection and segmentation use it,
+inference only); ``--model-kwargs KEY=VALUE ...`` passes constructor keywords to every model, e.g.
+the CrossFormer-S backbone at a detection size in both grouping layouts:
+
+    python benchmarks/benchmark.py --models crossformer_small --features --modes infer --img-size 800 1333 \\
+        --batch-sizes 1 --precisions bfloat16 --model-kwargs grouping=crossformer
+
 Every (model, batch size, precision, eager/compiled, mode) is measured in a fresh child process:
 ``--warmup`` steps, then ``--rounds`` timed rounds of ``--steps`` steps each; img/s is reported as
 the median over rounds with min and max. A training step is forward + backward + AdamW step under
@@ -30,6 +38,7 @@ and a markdown table with the machine description is printed at the end.
 from __future__ import annotations
 
 import argparse
+import ast
 import csv
 import dataclasses
 import datetime
@@ -86,26 +95,54 @@ def chosen_dtype(precision: str, device: torch.device) -> str:
     return str(auto_dtype(device.type, probe_device(device))[0]).replace("torch.", "")
 
 
-def create_model(name: str, img_size: int) -> torch.nn.Module:
-    """The model built for ``img_size`` inputs; a model without that argument (a CNN) takes any size."""
+def create_model(name: str, img_size: tuple[int, int], kwargs: dict[str, Any] | None = None) -> torch.nn.Module:
+    """The model built for ``img_size`` (height, width) inputs with the constructor keywords
+    ``kwargs``; a model without an image-size argument (a CNN) takes any size."""
+    kwargs = kwargs or {}
     try:
-        return timm.create_model(name, img_size=img_size)
-    except TypeError:
-        return timm.create_model(name)
+        return timm.create_model(name, img_size=img_size, **kwargs)
+    except TypeError as err:
+        if "img_size" not in str(err):
+            raise UserError(f"model {name}: {err}") from err
+        return timm.create_model(name, **kwargs)
 
 
-def forward_flops(name: str, img_size: int) -> dict[str, float]:
-    """FLOPs of one image's forward, counted on the meta device (no weights, no compute)."""
+def run_forward(model: torch.nn.Module, images: torch.Tensor, features: bool) -> Any:
+    """The classifier's forward, or with ``features`` the backbone's stage maps."""
+    if features:
+        return model.forward_intermediates(images, intermediates_only=True)
+    return model(images)
+
+
+def forward_flops(name: str, img_size: int | tuple[int, int], kwargs: dict[str, Any] | None = None,
+                  features: bool = False) -> dict[str, float]:
+    """FLOPs of one image's forward (or, with ``features``, of its stage maps), counted on the meta
+    device (no weights, no compute)."""
+    img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     with torch.device("meta"):
-        model = create_model(name, img_size).eval()
-        image = torch.empty(1, 3, img_size, img_size)
+        model = create_model(name, img_size, kwargs).eval()
+        image = torch.empty(1, 3, *img_size)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        model(image)
+        run_forward(model, image, features)
     flops = {"gflops_per_img": counter.get_total_flops() / 1e9}
-    if hasattr(model, "flops"):  # CrossFormer: its own count of multiply-accumulates
+    if hasattr(model, "flops") and not features:  # CrossFormer: its own count of multiply-accumulates
         flops["gflops_per_img_model_flops"] = 2 * model.flops(img_size) / 1e9
     return flops
+
+
+def parse_model_kwargs(pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings as keywords; a value is a Python literal (1, 0.5, True, [1, 2]) or a string."""
+    kwargs = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise UserError(f"--model-kwargs takes KEY=VALUE pairs, got {pair!r}")
+        try:
+            kwargs[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[key] = value
+    return kwargs
 
 
 def peak_tflops(device: torch.device, given: float | None) -> float | None:
@@ -202,13 +239,19 @@ def benchmark(args: argparse.Namespace) -> int:
     bad = [p for p in args.precisions if p not in PRECISIONS]
     if bad:
         raise UserError(f"unknown precision {bad[0]!r} (choose from {', '.join(PRECISIONS)})")
-    counts = [*args.batch_sizes, args.img_size, args.rounds, args.steps, *([] if args.threads is None else [args.threads])]
-    if min(counts) < 1 or args.warmup < 0:
-        raise UserError("--batch-sizes, --img-size, --rounds, --steps and --threads must be >= 1, --warmup >= 0")
+    counts = [*args.batch_sizes, *args.img_size, args.rounds, args.steps,
+              *([] if args.threads is None else [args.threads])]
+    if min(counts) < 1 or args.warmup < 0 or len(args.img_size) > 2:
+        raise UserError("--batch-sizes, --img-size (one or two sizes), --rounds, --steps and --threads must be >= 1, "
+                        "--warmup >= 0")
+    if args.features and ("train" in args.modes or args.compile != "off"):
+        raise UserError("--features times the eager backbone's inference: add --modes infer (and --compile off)")
+    img_size = (args.img_size * 2)[:2]
+    model_kwargs = parse_model_kwargs(args.model_kwargs)
     models = [resolve_model(name) for name in args.models]
     peak = peak_tflops(device, args.peak_tflops)
     info = describe_machine(device, args.threads, peak)
-    flops = {model: forward_flops(model, args.img_size) for model in models}
+    flops = {model: forward_flops(model, img_size, model_kwargs, args.features) for model in models}
     settings = {key: value for key, value in vars(args).items() if key != "run_one"}
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, "benchmark-" + datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S"))
@@ -220,8 +263,8 @@ def benchmark(args: argparse.Namespace) -> int:
                                                                       compiled, args.modes):
         dtype = chosen_dtype(precision, device)
         spec = dict(model=model, batch_size=batch, precision=precision, dtype=dtype, compiled=compile_, mode=mode,
-                    device=device.type, img_size=args.img_size, warmup=args.warmup, rounds=args.rounds,
-                    steps=args.steps, threads=args.threads)
+                    device=device.type, img_size=img_size, warmup=args.warmup, rounds=args.rounds,
+                    steps=args.steps, threads=args.threads, features=args.features, model_kwargs=model_kwargs)
         row = {**spec, **flops[model], **run_child(spec, args.threads)}
         if peak and not row.get("error"):
             row["mfu"] = row["img_per_s"] * row["gflops_per_img"] * (3 if mode == "train" else 1) / (peak * 1e3)
@@ -239,7 +282,10 @@ def benchmark(args: argparse.Namespace) -> int:
     memory = ("CUDA max allocated" if device.type == "cuda"
               else "CPU peak RSS of the measuring process minus its RSS after imports")
     print(f"\n{machine_line(info)}\nimg/s: median over {args.rounds} rounds of {args.steps} steps after {args.warmup} "
-          f"warm-up steps; image size {args.img_size}; peak memory: {memory}; GFLOPs counted by FlopCounterMode"
+          f"warm-up steps; image size {img_size[0]}x{img_size[1]} (HxW)"
+          + ("; the backbone's stage maps (--features)" if args.features else "")
+          + (f"; model keywords {model_kwargs}" if model_kwargs else "")
+          + f"; peak memory: {memory}; GFLOPs counted by FlopCounterMode"
           + (f"; MFU against {peak:g} TFLOP/s dense bf16, a training image = 3x forward FLOPs" if peak else "") + "\n")
     print(markdown_table(rows, with_mfu=peak is not None))
     print(f"\nwritten: {stem}.json, {stem}.csv")
@@ -258,7 +304,7 @@ def step_function(spec: dict[str, Any], model: torch.nn.Module, device: torch.de
     """The step to time: a training step (forward, scaled backward, AdamW step) or an inference forward."""
     dtype = DTYPES[spec["dtype"]]
     autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)  # noqa: E731
-    images = torch.randn(spec["batch_size"], 3, spec["img_size"], spec["img_size"], device=device)
+    images = torch.randn(spec["batch_size"], 3, *spec["img_size"], device=device)
     if spec["compiled"]:
         compile_model(model, any_size=spec["mode"] == "infer")  # as main.py's --compile does
     if spec["mode"] == "infer":
@@ -266,7 +312,7 @@ def step_function(spec: dict[str, Any], model: torch.nn.Module, device: torch.de
 
         def infer() -> None:
             with torch.inference_mode(), autocast():
-                model(images)
+                run_forward(model, images, spec["features"])
         return infer
 
     model.train()
@@ -291,7 +337,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     device = torch.device(spec["device"])
     torch.backends.cudnn.benchmark = True  # as the trainer sets it
     rss_after_imports = peak_rss_mib()
-    model = create_model(spec["model"], spec["img_size"]).to(device)
+    model = create_model(spec["model"], tuple(spec["img_size"]), spec["model_kwargs"]).to(device)
     step = step_function(spec, model, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     for _ in range(spec["warmup"]):
@@ -323,7 +369,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"{', '.join(PRECISIONS)} (auto: bfloat16 where the hardware runs it fast)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--compile", choices=("off", "on", "both"), default="off", help="torch.compile the model")
-    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--img-size", type=int, nargs="+", default=[224], metavar="SIZE",
+                        help="image size: one side (square) or height and width")
+    parser.add_argument("--features", action="store_true",
+                        help="time the backbone's stage maps (forward_intermediates) instead of the classifier")
+    parser.add_argument("--model-kwargs", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="constructor keywords for every model, e.g. grouping=crossformer (Python literals, "
+                             "else strings)")
     parser.add_argument("--warmup", type=int, default=6,
                         help="untimed steps first: compilation happens here, and on a CPU compiled training "
                              "took ~5 steps to reach its speed")

@@ -1,7 +1,8 @@
-"""The CrossFormer backbone of a detector: stage maps at strides 4-32 -> per-stage LayerNorm ->
-``torchvision.ops.FeaturePyramidNetwork``; ``out_channels`` tells torchvision's detectors the width.
+"""The CrossFormer backbone of a detector: the raw stage maps at strides 4-32 (as the authors'
+detection backbone returns them: no norm) -> ``torchvision.ops.FeaturePyramidNetwork``;
+``out_channels`` tells torchvision's detectors the width.
 
-Any input size works: CrossFormer pads each stage to its group size and masks the padding.
+Any input size works: CrossFormer pads each block's map to its grouping and masks the padding.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections import OrderedDict
 from typing import Sequence
 
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 from yacs.config import CfgNode
@@ -17,16 +19,19 @@ from crossformer import CrossFormer
 from models import build_model
 
 
-class ChannelLayerNorm(nn.LayerNorm):
-    """LayerNorm over the channels of an NCHW map."""
+class RetinaNetExtraLevels(LastLevelP6P7):
+    """P6 by a stride-2 3x3 conv on the last stage's map (C5), P7 by another on P6, with or without
+    a ReLU between them: torchvision's LastLevelP6P7 applies one, mmdet's FPN
+    (``add_extra_convs='on_input'``, ``relu_before_extra_convs=False``) does not."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    def __init__(self, in_channels: int, out_channels: int, relu_before_p7: bool):
+        super().__init__(in_channels, out_channels)
+        self.relu_before_p7 = relu_before_p7
 
-
-def stage_width(body: CrossFormer, stage: int) -> int:
-    """Channels of stage ``stage``'s map (each stage doubles the width)."""
-    return body.num_features // 2 ** (len(body.layers) - 1 - stage)
+    def forward(self, p: list[Tensor], c: list[Tensor], names: list[str]) -> tuple[list[Tensor], list[str]]:
+        p6 = self.p6(c[-1])  # C5 even when its width equals out_channels (torchvision would take P5 then)
+        p7 = self.p7(F.relu(p6) if self.relu_before_p7 else p6)
+        return p + [p6, p7], names + ["p6", "p7"]
 
 
 class CrossFormerFPN(nn.Module):
@@ -38,18 +43,15 @@ class CrossFormerFPN(nn.Module):
 
     def __init__(self, body: CrossFormer, stages: Sequence[int], out_channels: int, extra: ExtraFPNBlock):
         super().__init__()
-        body.reset_classifier(0)
-        body.norm = nn.Identity()  # each used stage gets its own norm below instead
+        self.stages = body.prune_intermediate_layers(list(stages), prune_norm=True)
         self.body = body
-        self.stages = tuple(stages)
-        widths = [stage_width(body, i) for i in self.stages]
-        self.norms = nn.ModuleList(ChannelLayerNorm(width) for width in widths)
+        widths = [body.feature_info[i]["num_chs"] for i in self.stages]
         self.fpn = FeaturePyramidNetwork(widths, out_channels, extra_blocks=extra)
         self.out_channels = out_channels
 
     def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
-        maps = self.body.forward_intermediates(x, indices=list(self.stages), intermediates_only=True)
-        return self.fpn(OrderedDict((str(i), norm(m)) for i, (norm, m) in enumerate(zip(self.norms, maps))))
+        maps = self.body.forward_intermediates(x, indices=self.stages, intermediates_only=True)
+        return self.fpn(OrderedDict((str(i), m) for i, m in enumerate(maps)))
 
 
 def build_backbone(config: CfgNode) -> CrossFormerFPN:
@@ -58,5 +60,6 @@ def build_backbone(config: CfgNode) -> CrossFormerFPN:
     body = build_model(config)
     channels = config.DET.FPN_CHANNELS
     if config.DET.TYPE == "retinanet":
-        return CrossFormerFPN(body, (1, 2, 3), channels, LastLevelP6P7(stage_width(body, 3), channels))
+        last = body.feature_info[-1]["num_chs"]
+        return CrossFormerFPN(body, (1, 2, 3), channels, RetinaNetExtraLevels(last, channels, config.DET.P7_RELU))
     return CrossFormerFPN(body, (0, 1, 2, 3), channels, LastLevelMaxPool())

@@ -19,7 +19,8 @@ from data.resumable import loader_options, resumable_loader
 from detection.coco import CocoDetection, collate
 from detection.coco_eval import broadcast_metrics, coco_evaluate, gather_results, to_coco_results
 from detection.digits_coco import ensure_digits_coco
-from detection.transforms import RandomHorizontalFlip
+from detection.model import has_masks
+from detection.transforms import build_train_transform
 from runtime import Precision
 from utils import DistInfo
 
@@ -38,18 +39,19 @@ def dataset_root(config: CfgNode) -> str:
 
 
 def build_dataset(config: CfgNode, split: str) -> CocoDetection:
-    """The ``train`` (with random flips) or ``val`` split."""
-    flip = RandomHorizontalFlip(config.DET.HFLIP) if split == "train" else None
-    return CocoDetection(dataset_root(config), split, config.MODEL.NUM_CLASSES, config.DET.TYPE == "mask_rcnn", flip)
+    """The ``train`` (with the training augmentation) or ``val`` split."""
+    transform = build_train_transform(config) if split == "train" else None
+    return CocoDetection(dataset_root(config), split, config.MODEL.NUM_CLASSES, has_masks(config), transform)
 
 
 def build_loaders(config: CfgNode, dist_info: DistInfo, train: bool) -> tuple[DataLoader | None, DataLoader]:
     """``(train loader or None, val loader)``. Training is the run core's resumable loader
-    (shuffled by SEED and epoch, each image's flip seeded by its index, the last partial batch
-    dropped); evaluation gives each rank its ShardSampler share of the images."""
+    (shuffled by SEED and epoch, each image's augmentation seeded by its index, the last partial batch
+    dropped); evaluation gives each rank its ShardSampler share of the images,
+    DET.TEST_BATCH_SIZE at a time."""
     val = build_dataset(config, "val")
     loader_val = DataLoader(val, sampler=ShardSampler(len(val), dist_info.rank, dist_info.world_size),
-                            **loader_options(config, collate_fn=collate))
+                            **loader_options(config, batch_size=config.DET.TEST_BATCH_SIZE, collate_fn=collate))
     if not train:
         return None, loader_val
     return (resumable_loader(build_dataset(config, "train"), config, dist_info.rank, dist_info.world_size, collate),

@@ -1,11 +1,16 @@
-"""Parameters and FLOPs of a segmentation config at an input size (default 512x2048, the paper's).
+"""Parameters and FLOPs of a segmentation config, counted as the authors counted them (default
+512x2048, the paper's size):
 
     python segmentation/get_flops.py --cfg configs/segmentation/fpn_crossformer_s_ade20k_80k.yaml [--shape 512 2048]
 
-FLOPs are multiply-accumulates (the paper's unit) of the convolutions and matrix products
-(attention included) as torch.utils.flop_counter.FlopCounterMode counts them, divided by 2;
-normalisation, activations, softmax, pooling and resizing are not counted. The model runs on the
-meta device (no memory, no arithmetic), in evaluation mode (no auxiliary head).
+The authors' get_flops.py ran mmseg's ``forward_dummy`` (backbone, neck and decode head; no
+auxiliary head) under mmcv's module counter and added the backbone's attention matrix products,
+which that counter does not see. The same pass runs here in evaluation mode on the meta device (no
+memory, no arithmetic) under ``torch.utils.flop_counter.FlopCounterMode``: every convolution and
+matrix product, attention included, reported as GFLOPs = multiply-accumulates / 1e9 (the paper's
+unit; the counter's FLOPs / 2). Resizing is not counted (nor by mmcv); mmcv also counts norms,
+activations, pooling and convolution biases at one per element, which this count leaves out: under
+0.1% of these models. Parameters include the auxiliary head, as mmseg counts them.
 """
 from __future__ import annotations
 
@@ -27,7 +32,8 @@ from segmentation.heads import build_segmentation_model  # noqa: E402
 
 def count(config: CfgNode, height: int, width: int) -> tuple[int, int, int]:
     """(parameters incl. the auxiliary head, multiply-accumulates of one image, those of the decode head)."""
-    model = build_segmentation_model(config).eval().to("meta")
+    with torch.device("meta"):
+        model = build_segmentation_model(config).eval()
     image = torch.empty(1, 3, height, width, device="meta")
     parameters = sum(p.numel() for p in model.parameters())
     with FlopCounterMode(display=False) as counter, torch.no_grad():
@@ -39,7 +45,7 @@ def count(config: CfgNode, height: int, width: int) -> tuple[int, int, int]:
 def main(args: argparse.Namespace) -> None:
     config = load_config(args.cfg, args.opts or [])
     parameters, macs, head = count(config, *args.shape)
-    print(f"{config.MODEL.NAME}: {parameters / 1e6:.2f}M parameters, {macs / 1e9:.1f} GFLOPs (MACs) at "
+    print(f"{config.MODEL.NAME}: {parameters / 1e6:.2f}M parameters, {macs / 1e9:.1f} GFLOPs at "
           f"{args.shape[0]}x{args.shape[1]} (backbone {(macs - head) / 1e9:.1f}G, decode head {head / 1e9:.1f}G)")
 
 

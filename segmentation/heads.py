@@ -4,8 +4,8 @@ The heads have the structure of mmseg's (whose configs the paper used): Semantic
 neck (``SEG.NECK_CHANNELS``) plus a head that brings every level to stride 4 with 3x3 conv-BN-ReLU
 blocks (``SEG.CHANNELS``) and sums them; UPerNet pools the last stage at ``SEG.POOL_SCALES``,
 runs a top-down FPN over all stages and fuses the four levels; the auxiliary FCN head reads
-stage 3. Each stage map gets its own LayerNorm first, as the paper's segmentation backbone does.
-Logits come back at the input size (``{"out": ..., "aux": ...}``, torchvision's convention).
+stage 3. The heads take the raw stage maps, as the authors' segmentation backbone returns them (no
+norm). Logits come back at the input size (``{"out": ..., "aux": ...}``, torchvision's convention).
 """
 from __future__ import annotations
 
@@ -111,38 +111,22 @@ class FCNHead(nn.Sequential):
 
 
 class SegmentationModel(nn.Module):
-    """Backbone + per-stage LayerNorms (``dims``: channels of each stage map) + decode head
-    (+ auxiliary head on stage 3 when training)."""
+    """Backbone (its raw stage maps) + decode head (+ auxiliary head on stage 3 when training)."""
 
-    def __init__(self, backbone: CrossFormer, dims: Sequence[int], decode_head: nn.Module,
-                 aux_head: nn.Module | None = None):
+    def __init__(self, backbone: CrossFormer, decode_head: nn.Module, aux_head: nn.Module | None = None):
         super().__init__()
         self.backbone = backbone
-        self.out_norms = nn.ModuleList(nn.LayerNorm(d) for d in dims)
         self.decode_head = decode_head
         self.aux_head = aux_head
 
-    def stage_features(self, images: Tensor) -> list[Tensor]:
-        """``(B, 3, H, W)`` -> the four normalised NCHW stage maps (strides 4, 8, 16, 32)."""
-        maps = self.backbone.forward_intermediates(images, intermediates_only=True)
-        return [norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) for norm, x in zip(self.out_norms, maps)]
-
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         """``(B, 3, H, W)`` -> ``{"out": (B, classes, H, W)}`` logits, plus ``"aux"`` in training."""
-        features = self.stage_features(images)
+        features = self.backbone.forward_intermediates(images, intermediates_only=True)
         size = images.shape[-2:]
         result = {"out": resize(self.decode_head(features), size)}
         if self.training and self.aux_head is not None:
             result["aux"] = resize(self.aux_head(features[2]), size)
         return result
-
-    def no_weight_decay(self) -> set[str]:
-        return {f"backbone.{name}" for name in self.backbone.no_weight_decay()}
-
-    def no_weight_decay_keywords(self) -> set[str]:
-        """The papers' segmentation recipe trains norms and the position bias without weight decay:
-        here the DPB MLPs (norms and biases are left out by optimizer.py anyway)."""
-        return {".attn.pos."}
 
 
 def build_segmentation_model(config: CfgNode) -> SegmentationModel:
@@ -151,13 +135,12 @@ def build_segmentation_model(config: CfgNode) -> SegmentationModel:
     if seg.HEAD not in HEADS:
         raise UserError(f"unknown SEG.HEAD {seg.HEAD!r}; known heads: {', '.join(HEADS)}")
     backbone = build_model(config)
-    backbone.reset_classifier(0)
-    backbone.norm = nn.Identity()  # the stage maps get their own norms
-    dims = [config.MODEL.CROS.EMBED_DIM * 2 ** i for i in range(len(backbone.layers))]
+    backbone.prune_intermediate_layers(len(backbone.feature_info), prune_norm=True)  # no classifier, no final norm
+    dims = [info["num_chs"] for info in backbone.feature_info]
     classes = config.MODEL.NUM_CLASSES
     if seg.HEAD == "fpn":
         head: nn.Module = SemanticFPNHead(dims, classes, seg.NECK_CHANNELS, seg.CHANNELS, seg.DROPOUT)
     else:
         head = UPerHead(dims, classes, seg.CHANNELS, seg.POOL_SCALES, seg.DROPOUT)
     aux = FCNHead(dims[2], classes, seg.AUX_CHANNELS, seg.DROPOUT) if seg.AUX_WEIGHT > 0 else None
-    return SegmentationModel(backbone, dims, head, aux)
+    return SegmentationModel(backbone, head, aux)

@@ -14,6 +14,8 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+
 # Tests marked slow run only when CROSSFORMER_SLOW_TESTS=1 (CI sets it when its budget allows).
 RUN_SLOW = os.environ.get("CROSSFORMER_SLOW_TESTS") == "1"
 
@@ -233,3 +235,37 @@ def write_ade(root, images: int = 4, size=(40, 32), classes: int = 4, seed: int 
             Image.fromarray(colours[label]).save(os.path.join(root, "images", split, f"{n}.jpg"), quality=98)
             Image.fromarray(label).save(os.path.join(root, "annotations", split, f"{n}.png"))
     return str(root)
+
+
+def load_dense_fixture(family: str) -> dict:
+    """tests/fixtures/{family}_dense_micro.pt (family v1: the ICLR backbone, pp: CrossFormer++'s):
+    constructor settings, official state dict, and per case the raw stage maps of one input."""
+    return torch.load(os.path.join(FIXTURES, f"{family}_dense_micro.pt"), weights_only=True)
+
+
+def dense_fixture_opts(fixture: dict, case: dict) -> list[str]:
+    """--opts that give a config the fixture's backbone with the case's group sizes and intervals."""
+    settings = fixture["config"]
+    return ["MODEL.CROS.EMBED_DIM", str(settings["embed_dim"]), "MODEL.CROS.DEPTHS", str(settings["depths"]),
+            "MODEL.CROS.NUM_HEADS", str(settings["num_heads"]), "MODEL.CROS.PATCH_SIZE", str(settings["patch_size"]),
+            "MODEL.CROS.MERGE_SIZE", str(settings["merge_size"]),
+            "MODEL.CROS.MLP_RATIO", str([settings["mlp_ratio"]] * 4),
+            "MODEL.CROS.QKV_BIAS", str(settings["qkv_bias"]), "MODEL.CROS.USE_ACL", str(settings["use_acl"]),
+            "MODEL.CROS.GROUP_SIZE", str(case["group_size"]), "MODEL.CROS.INTERVAL", str(case["interval"]),
+            "MODEL.DROP_PATH_RATE", "0.0"]
+
+
+def dense_fixture_input(case: dict) -> torch.Tensor:
+    """The case's input image, checked against the sum the fixture recorded."""
+    x = torch.randn(1, 3, *case["input_size"], generator=torch.Generator().manual_seed(case["input_seed"]))
+    assert x.sum().item() == pytest.approx(case["input_sum"], abs=1e-3)
+    return x
+
+
+def read_flops_table(doc: str) -> list[dict]:
+    """The rows of the parameters-and-FLOPs table of docs/``doc`` (| `config` | parameters | paper |
+    GFLOPs | paper | difference |), as strings; '—' where the paper gives no figure."""
+    with open(os.path.join(os.path.dirname(FIXTURES), "..", "docs", doc), encoding="utf-8") as f:
+        rows = [line.strip().strip("|").split("|") for line in f if line.startswith("| `")]
+    keys = ("config", "parameters", "paper_parameters", "gflops", "paper_gflops", "difference")
+    return [dict(zip(keys, (cell.strip().strip("`") for cell in row))) for row in rows if len(row) == len(keys)]

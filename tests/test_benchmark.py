@@ -63,8 +63,29 @@ def test_flop_counter_agrees_with_model_flops(bench_module, name):
     assert flops["gflops_per_img"] == pytest.approx(flops["gflops_per_img_model_flops"], rel=0.01)
 
 
+def test_features_time_the_backbone_at_a_non_square_size_with_model_keywords(tmp_path, bench_module):
+    """--features --img-size H W --model-kwargs: the stage maps of the model built with those
+    keywords, at HxW; its FLOPs are those of forward_intermediates."""
+    proc = run_benchmark("--models", "crossformer_tiny", "--precisions", "float32", "--modes", "infer",
+                         "--out", str(tmp_path), *TINY, "--features", "--img-size", "64", "96",
+                         "--model-kwargs", "mlp_ratio=2.0")
+    assert proc.returncode == 0, proc.stderr
+    [json_path] = glob.glob(str(tmp_path / "benchmark-*.json"))
+    with open(json_path) as f:
+        [row] = json.load(f)["results"]
+    assert row["img_size"] == [64, 96] and row["features"] is True and row["model_kwargs"] == {"mlp_ratio": 2.0}
+    assert row["img_per_s"] > 0 and "image size 64x96 (HxW); the backbone's stage maps" in proc.stdout
+    name = "crossformer_tiny_patch4_group7_224"
+    counted = bench_module.forward_flops(name, (64, 96), {"mlp_ratio": 2.0}, True)["gflops_per_img"]
+    assert row["gflops_per_img"] == counted
+    assert row["gflops_per_img"] < bench_module.forward_flops(name, (64, 96), None, True)["gflops_per_img"]
+
+
 @pytest.mark.parametrize("bad, culprit", [(["--models", "crossformer_nano"], "crossformer_nano"),
-                                          (["--precisions", "float8"], "float8")])
+                                          (["--precisions", "float8"], "float8"),
+                                          (["--features", "--modes", "train"], "--modes infer"),
+                                          (["--model-kwargs", "grouping"], "KEY=VALUE pairs, got 'grouping'"),
+                                          (["--model-kwargs", "no_such_keyword=1"], "no_such_keyword")])
 def test_benchmark_bad_input_is_one_line_exit_2(tmp_path, bad, culprit):
     proc = run_benchmark(*TINY, "--out", str(tmp_path), *bad)
     assert proc.returncode == 2

@@ -14,9 +14,9 @@ from PIL import Image
 from torch import nn
 
 from config import load_config
-from conftest import write_ade
+from conftest import dense_fixture_input, dense_fixture_opts, load_dense_fixture, read_flops_table, write_ade
 from models import build_model
-from optimizer import split_weight_decay_groups
+from optimizer import build_optimizer
 from runtime import Precision
 from segmentation import predict as seg_predict
 from segmentation import test as seg_test
@@ -66,15 +66,59 @@ def test_heads_give_logits_at_the_input_size_for_odd_sizes(head):
     assert torch.isfinite(outputs["out"]).all()
 
 
-def test_norms_and_position_bias_train_without_weight_decay():
-    model = build_segmentation_model(tiny_config("SEG.HEAD", "upernet", "SEG.AUX_WEIGHT", "0.4"))
-    decayed, not_decayed = split_weight_decay_groups(model, 0.01)
+@pytest.mark.parametrize("family, case", [(family, case) for family in ("v1", "pp") for case in range(6)])
+def test_heads_get_the_official_backbones_raw_stage_maps(family, case):
+    """The decode and auxiliary heads receive the stage maps of the authors' segmentation backbone
+    of the config's family (ICLR or ++ layout by USE_ACL), unnormalised, at non-square sizes."""
+    fixture = load_dense_fixture(family)
+    case = fixture["cases"][case]
+    model = build_segmentation_model(tiny_config(*dense_fixture_opts(fixture, case), "SEG.AUX_WEIGHT", "0.4"))
+    model.backbone.load_state_dict(fixture["state_dict"])  # strict: neither head nor final norm is left
+    received = []
+    model.decode_head.register_forward_pre_hook(lambda module, args: received.append(args[0]))
+    model.aux_head.register_forward_pre_hook(lambda module, args: received.append([args[0]]))
+    model.eval()
+    with torch.no_grad():
+        model(dense_fixture_input(case))
+    model.train()
+    with torch.no_grad():
+        model(dense_fixture_input(case))
+    decode, _, aux = received
+    for ours, official in zip(decode, case["maps"]):
+        torch.testing.assert_close(ours, official, atol=1e-4, rtol=0)
+    torch.testing.assert_close(aux[0], case["maps"][2], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name, exempt", [("upernet_crossformer_s_ade20k_160k", "norm"),
+                                          ("fpn_crossformer_s_ade20k_80k", None)])
+def test_weight_decay_follows_the_authors_paramwise_rule(name, exempt):
+    """UPerNet: weight decay 0.01 on everything but the parameters named 'norm' (the backbone's
+    LayerNorms; BatchNorms, biases and the DPB decay); Semantic FPN: 1e-4 on every parameter."""
+    config = load_config(os.path.join(REPO, "configs", "segmentation", f"{name}.yaml"))
+    with torch.device("meta"):
+        model = build_segmentation_model(config)
+    optimizer = build_optimizer(config, model)
     names = {id(p): n for n, p in model.named_parameters()}
-    free = {names[id(p)] for p in not_decayed["params"]}
-    assert "backbone.layers.0.blocks.0.attn.pos.pos_proj.weight" in free
-    assert "backbone.layers.0.blocks.0.norm1.weight" in free
-    assert "backbone.layers.0.blocks.0.attn.qkv.weight" not in free and not_decayed["weight_decay"] == 0.0
-    assert {names[id(p)] for p in decayed["params"]} == set(names.values()) - free
+    groups = {group["weight_decay"]: {names[id(p)] for p in group["params"]} for group in optimizer.param_groups}
+    assert set(groups) == ({config.TRAIN.WEIGHT_DECAY, 0.0} if exempt else {1e-4})
+    free = groups.get(0.0, set())
+    assert free == {n for n in names.values() if exempt and exempt in n}
+    if exempt:
+        assert "backbone.layers.0.blocks.0.norm1.weight" in free and "backbone.patch_embed.norm.bias" in free
+        decayed = groups[config.TRAIN.WEIGHT_DECAY]
+        assert {"backbone.layers.0.blocks.0.attn.pos.pos1.0.weight", "backbone.layers.0.blocks.0.attn.qkv.bias",
+                "decode_head.fpn_bottleneck.1.weight"} <= decayed
+
+
+def test_paper_schedules_of_the_segmentation_configs():
+    """Semantic FPN S/B/L: groups [14, 14, 7, 7], intervals [16, 8, 2, 1], poly 0.9; UPerNet: poly 1.0."""
+    for name in PAPER_PARAMS:
+        config = load_config(os.path.join(REPO, "configs", "segmentation", f"{name}.yaml"))
+        fpn = name.startswith("fpn")
+        assert list(config.MODEL.CROS.GROUP_SIZE) == ([14, 14, 7, 7] if fpn else [7, 7, 7, 7])
+        assert list(config.MODEL.CROS.INTERVAL) == ([16, 8, 2, 1] if fpn else [8, 4, 2, 1])
+        assert config.SEG.POWER == (0.9 if fpn else 1.0) and config.SEG.MIN_LR == 0.0
+        assert config.TRAIN.WEIGHT_DECAY == (1e-4 if fpn else 0.01)
 
 
 def test_parameter_counts_of_the_paper_configs_within_one_percent():
@@ -83,6 +127,27 @@ def test_parameter_counts_of_the_paper_configs_within_one_percent():
         count = sum(p.numel() for p in model.parameters())
         assert abs(count - paper) / paper < 0.01, (name, count)
         assert (model.aux_head is not None) == name.startswith("upernet")
+
+
+def test_flops_table_lists_every_segmentation_config():
+    """One row per config of configs/segmentation/ (the demos aside)."""
+    configs = {name[:-5] for name in os.listdir(os.path.join(REPO, "configs", "segmentation"))} - {"demo_digits"}
+    assert sorted(row["config"] for row in read_flops_table("segmentation.md")) == sorted(configs)
+
+
+@pytest.mark.parametrize("row", read_flops_table("segmentation.md"), ids=lambda row: row["config"])
+def test_flops_table_rows_are_the_scripts_count(row):
+    """docs/segmentation.md's table is what segmentation/get_flops.py counts at 512x2048, within
+    1.5% of the paper's figures."""
+    from segmentation.get_flops import count
+    params, macs, _ = count(load_config(os.path.join(REPO, "configs", "segmentation", f"{row['config']}.yaml")),
+                            512, 2048)
+    assert (row["parameters"], row["gflops"]) == (f"{params / 1e6:.2f}M", f"{macs / 1e9:.1f}")
+    if row["paper_gflops"] != "—":
+        paper = float(row["paper_gflops"])
+        assert row["difference"] == f"{round(100 * (float(row['gflops']) / paper - 1), 1) + 0.0:+.1f}%"
+        assert abs(macs / 1e9 / paper - 1) < 0.015
+
 
 
 def test_a_training_step_runs_and_the_loss_falls_on_repeated_images():
