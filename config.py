@@ -7,6 +7,7 @@ first. Command-line values go through ``--opts KEY VALUE ...`` and the dedicated
 from __future__ import annotations
 
 import argparse
+import ast
 import difflib
 import glob
 import os
@@ -18,6 +19,47 @@ from yacs.config import CfgNode as CN
 
 class UserError(Exception):
     """Bad input from the user (file, key, value): main.py reports it as one line and exits 2."""
+
+
+REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
+MODEL_FILE = os.path.join(REPO_ROOT, "crossformer", "model.py")
+
+
+def class_defaults(path: str = MODEL_FILE, class_name: str = "CrossFormer") -> dict[str, object]:
+    """The keyword defaults of ``class_name.__init__`` in the Python file ``path`` that are literals
+    or module-level constants (``nn.LayerNorm`` is left out). Read from the source, so that this
+    module does not import torch; the MODEL defaults below take their values from it."""
+    with open(path, encoding="utf-8") as f:
+        module = ast.parse(f.read(), path)
+    constants = {target.id: node.value for node in module.body if isinstance(node, ast.Assign)
+                 for target in node.targets if isinstance(target, ast.Name)}
+    init = next(node for cls in module.body if isinstance(cls, ast.ClassDef) and cls.name == class_name
+                for node in cls.body if isinstance(node, ast.FunctionDef) and node.name == "__init__")
+    arguments = init.args
+    pairs = list(zip(arguments.args[len(arguments.args) - len(arguments.defaults):], arguments.defaults))
+    pairs += [(arg, default) for arg, default in zip(arguments.kwonlyargs, arguments.kw_defaults)
+              if default is not None]
+    defaults = {}
+    for arg, node in pairs:
+        try:
+            defaults[arg.arg] = ast.literal_eval(constants.get(node.id, node) if isinstance(node, ast.Name) else node)
+        except ValueError:
+            continue
+    return defaults
+
+
+def _as_lists(value):
+    """Tuples (the class's sequence defaults) as lists, the type YAML files give."""
+    return [_as_lists(item) for item in value] if isinstance(value, (tuple, list)) else value
+
+
+# CrossFormer's defaults, the source of every MODEL default that the class also has
+MODEL_DEFAULTS = {name: _as_lists(value) for name, value in class_defaults().items()}
+
+
+def per_stage(mlp_ratio: float) -> list[float]:
+    """The ICLR code's single MLP_RATIO (its configs, its ``--mlp_ratio``) as one value per stage."""
+    return [float(mlp_ratio)] * 4
 
 
 _C = CN()
@@ -49,9 +91,9 @@ _C.MODEL.TYPE = "cross-scale"
 _C.MODEL.NAME = "tiny_patch4_group7_224"
 _C.MODEL.PRETRAINED = ""  # weights to fine-tune from (model only)
 _C.MODEL.RESUME = ""  # full training state to continue from
-_C.MODEL.NUM_CLASSES = 1000
-_C.MODEL.DROP_RATE = 0.0
-_C.MODEL.DROP_PATH_RATE = 0.1
+_C.MODEL.NUM_CLASSES = MODEL_DEFAULTS["num_classes"]
+_C.MODEL.DROP_RATE = MODEL_DEFAULTS["drop_rate"]
+_C.MODEL.DROP_PATH_RATE = MODEL_DEFAULTS["drop_path_rate"]
 _C.MODEL.LABEL_SMOOTHING = 0.1
 # Official keys of features not implemented here (dense supervision, token mixing, variant
 # switches): accepted at these defaults only. MODEL.FROM_PRETRAIN: use RESUME or PRETRAINED.
@@ -65,30 +107,34 @@ _C.MODEL.LOSS.ALPHA2 = 0.1
 _C.MODEL.LOSS.ALPHA3 = 0.1
 _C.MODEL.LOSS.ALPHA4 = 0.25
 
+# The class's defaults (MODEL_DEFAULTS), except for four keys where the authors' config.py
+# differs from their class and this file keeps their config.py: its four-kernel embeddings and
+# merges, EMBED_DIM 48 and USE_ACL True, where their class has one 4x4 patch kernel, single 2x2
+# merges, embed_dim 96 and use_acl False.
 _C.MODEL.CROS = CN()
 _C.MODEL.CROS.PATCH_SIZE = [4, 8, 16, 32]
 _C.MODEL.CROS.MERGE_SIZE = [[2, 4], [2, 4], [2, 4]]
-_C.MODEL.CROS.IN_CHANS = 3
+_C.MODEL.CROS.IN_CHANS = MODEL_DEFAULTS["in_chans"]
 _C.MODEL.CROS.EMBED_DIM = 48
-_C.MODEL.CROS.DEPTHS = [2, 2, 6, 2]
-_C.MODEL.CROS.NUM_HEADS = [3, 6, 12, 24]
-_C.MODEL.CROS.GROUP_SIZE = [7, 7, 7, 7]
-_C.MODEL.CROS.INTERVAL = [8, 4, 2, 1]
-_C.MODEL.CROS.MLP_RATIO = [4.0, 4.0, 4.0, 4.0]  # per stage; a single number is accepted too
-_C.MODEL.CROS.QKV_BIAS = True
-_C.MODEL.CROS.QK_SCALE = None
-_C.MODEL.CROS.APE = False
-_C.MODEL.CROS.PATCH_NORM = True
-_C.MODEL.CROS.GROUP_TYPE = "constant"  # constant, linear, linear_div, alter, 7_14 (CrossFormer++)
+_C.MODEL.CROS.DEPTHS = MODEL_DEFAULTS["depths"]
+_C.MODEL.CROS.NUM_HEADS = MODEL_DEFAULTS["num_heads"]
+_C.MODEL.CROS.GROUP_SIZE = MODEL_DEFAULTS["group_size"]
+_C.MODEL.CROS.INTERVAL = MODEL_DEFAULTS["crs_interval"]
+_C.MODEL.CROS.MLP_RATIO = per_stage(MODEL_DEFAULTS["mlp_ratio"])  # per stage; a single number is accepted too
+_C.MODEL.CROS.QKV_BIAS = MODEL_DEFAULTS["qkv_bias"]
+_C.MODEL.CROS.QK_SCALE = MODEL_DEFAULTS["qk_scale"]
+_C.MODEL.CROS.APE = MODEL_DEFAULTS["ape"]
+_C.MODEL.CROS.PATCH_NORM = MODEL_DEFAULTS["patch_norm"]
+_C.MODEL.CROS.GROUP_TYPE = MODEL_DEFAULTS["group_type"]  # constant, linear, linear_div, alter, 7_14 (CrossFormer++)
 _C.MODEL.CROS.USE_ACL = True  # activation cooling (CrossFormer++); the ICLR configs set False
-_C.MODEL.CROS.USE_CPE = False  # CrossFormer++'s convolutional position encoding instead of DPB
-_C.MODEL.CROS.ADAPT_INTER = False  # LDA interval ceil(map size / G) per block instead of INTERVAL
-_C.MODEL.CROS.PAD_TYPE = 0  # 0: pad bottom/right, 1: split the padding between both sides
-_C.MODEL.CROS.NO_MASK = False
+_C.MODEL.CROS.USE_CPE = MODEL_DEFAULTS["use_cpe"]  # CrossFormer++'s convolutional position encoding instead of DPB
+_C.MODEL.CROS.ADAPT_INTER = MODEL_DEFAULTS["adaptive_interval"]  # LDA interval ceil(map size / G) per block, not INTERVAL
+_C.MODEL.CROS.PAD_TYPE = MODEL_DEFAULTS["pad_type"]  # 0: pad bottom/right, 1: split the padding between both sides
+_C.MODEL.CROS.NO_MASK = MODEL_DEFAULTS["no_mask"]
 # Grouping layout at sizes other than the configured square (detection, segmentation): auto,
 # crossformer (the ICLR backbone's) or crossformer_pp (the CrossFormer++ backbone's); auto follows
 # USE_ACL (the ICLR configs set it False). See docs/models.md.
-_C.MODEL.CROS.GROUPING = "auto"
+_C.MODEL.CROS.GROUPING = MODEL_DEFAULTS["grouping"]
 
 # MODEL.TYPE timm: any timm model by name. Class count, dropout and drop path come from
 # MODEL.NUM_CLASSES / DROP_RATE / DROP_PATH_RATE, input channels from MODEL.CROS.IN_CHANS.
@@ -108,6 +154,7 @@ _C.TRAIN.CLIP_GRAD = 5.0  # max gradient norm; 0 turns clipping off
 _C.TRAIN.AUTO_RESUME = True
 _C.TRAIN.ACCUMULATION_STEPS = 0  # 0 or 1: no accumulation
 _C.TRAIN.USE_CHECKPOINT = False  # gradient checkpointing
+_C.TRAIN.CHECKPOINT_MINUTES = 10.0  # save the full training state every N minutes at a step boundary (0: off)
 
 _C.TRAIN.LR_SCHEDULER = CN()
 _C.TRAIN.LR_SCHEDULER.NAME = "cosine"  # cosine, linear, step
@@ -231,6 +278,11 @@ _C.EVAL_MODE = False
 _C.THROUGHPUT_MODE = False
 _C.LOCAL_RANK = 0
 _C.TRUST_CHECKPOINTS = False  # allow full unpickling of checkpoint files (runs code in them)
+_C.KEEP_CHECKPOINTS = 3  # newest ckpt_epoch_N.pth files kept (best.pth is kept besides); 0 keeps all
+_C.MODEL_EMA = False  # keep an exponential moving average of the weights (timm ModelEmaV3), validated each epoch
+_C.MODEL_EMA_DECAY = 0.9999
+_C.MODEL_EMA_EVAL = False  # the EMA weights are the ones that count: best.pth by EMA top-1, --eval scores them
+_C.COMPILE = False  # torch.compile the model (dynamic sizes) for training, --eval and --throughput (main.py)
 # Official keys that the official main.py overwrites from OUTPUT and TAG; here everything a run
 # writes goes to OUTPUT/<MODEL.NAME>/<TAG>. Accepted at these defaults only.
 _C.LOG_OUTPUT = ""
@@ -257,21 +309,11 @@ UNIMPLEMENTED_KEYS = {
     "WEIGHT_OUTPUT": "a separate checkpoint folder (checkpoints go to OUTPUT/<MODEL.NAME>/<TAG>)",
 }
 
-# ----------------------------------------------------------------------------- run folder hygiene
-_C.KEEP_CHECKPOINTS = 3  # newest ckpt_epoch_N.pth files kept (best.pth is kept besides); 0 keeps all
-
 # Evaluation and throughput runs write to <output>/<MODEL.NAME>/<TAG><suffix>, never into the
 # training run's folder.
 MODE_SUFFIXES = {"EVAL_MODE": "-eval", "THROUGHPUT_MODE": "-throughput"}
 
-# ----------------------------------------------------------------------------- no work lost: step checkpoints, model EMA
-_C.TRAIN.CHECKPOINT_MINUTES = 10.0  # save the full training state every N minutes at a step boundary (0: off)
-_C.MODEL_EMA = False  # keep an exponential moving average of the weights (timm ModelEmaV3), validated each epoch
-_C.MODEL_EMA_DECAY = 0.9999
-_C.MODEL_EMA_EVAL = False  # the EMA weights are the ones that count: best.pth by EMA top-1, --eval scores them
-
-# ----------------------------------------------------------------------------- speed
-_C.COMPILE = False  # torch.compile the model (dynamic sizes) for training, --eval and --throughput (main.py)
+# ----------------------------------------------------------------------------- loading and merging
 
 
 def _read_yaml(path: str) -> dict:
@@ -285,11 +327,6 @@ def _read_yaml(path: str) -> dict:
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a mapping of keys")
     return data
-
-
-def per_stage(mlp_ratio: float) -> list[float]:
-    """The ICLR code's single MLP_RATIO (its configs, its ``--mlp_ratio``) as one value per stage."""
-    return [float(mlp_ratio)] * 4
 
 
 def _accept_scalar_mlp_ratio(data: dict) -> None:
@@ -402,8 +439,17 @@ def get_default_config() -> CN:
     return _C.clone()
 
 
+def _lookup(config: CN, key: str):
+    """The value of a dotted key, or None where the config has no such key."""
+    node = config
+    for part in key.split("."):
+        if not isinstance(node, CN) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
 # ----------------------------------------------------------------------------- config files
-REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 DENSE_TASKS = ("detection", "segmentation")  # the authors kept their mmdet/mmseg configs in <task>/configs/
 
 
@@ -566,6 +612,33 @@ def _check_ignored_flags(config: CN, args: argparse.Namespace) -> None:
                             f"follows {key}, here {current!r}); to ask for {value!r}, use --opts {key} {value}")
 
 
+# ----------------------------------------------------------------------------- the config of a run
+
+
+def run_folder(config: CN) -> str:
+    """``<OUTPUT>/<MODEL.NAME>/<TAG>``, with ``-eval`` or ``-throughput`` after the tag for those
+    modes, so they never write into (or over) a training run's files."""
+    suffix = "".join(s for key, s in MODE_SUFFIXES.items() if config.get(key, False))
+    return os.path.join(config.OUTPUT or "output", config.MODEL.NAME, config.TAG + suffix)
+
+
+# the smallest value each key accepts, and the flag that sets it (named in the error)
+MINIMUM_VALUES = {"DATA.BATCH_SIZE": (1, "--batch-size"), "DATA.NUM_WORKERS": (0, "--num_workers"),
+                  "DATA.IMG_SIZE": (1, "--img_size"), "TRAIN.EPOCHS": (1, "--epochs"),
+                  "TRAIN.WARMUP_EPOCHS": (0, "--warmup_epochs"), "SAVE_FREQ": (1, ""), "PRINT_FREQ": (1, ""),
+                  "KEEP_CHECKPOINTS": (0, "")}
+
+
+def check_values(config: CN) -> None:
+    """UserError for values no run can use (one line naming the key), before anything starts."""
+    for key, (minimum, flag) in MINIMUM_VALUES.items():
+        value = _lookup(config, key)
+        if value is not None and value < minimum:
+            raise UserError(f"{key}{f' ({flag})' if flag else ''} must be at least {minimum}, got {value}")
+    if config.get("EVAL_MODE", False) and not (config.MODEL.RESUME or config.MODEL.PRETRAINED):
+        raise UserError("--eval needs weights to evaluate: pass --resume CHECKPOINT or --pretrained WEIGHTS")
+
+
 def get_config(args: argparse.Namespace) -> CN:
     """Config from parsed main.py arguments (any Namespace with ``cfg``; a missing attribute is a
     flag not given): the YAML, then --opts, then the flags that were given."""
@@ -591,37 +664,3 @@ def get_config(args: argparse.Namespace) -> CN:
     check_values(config)
     config.freeze()
     return config
-
-
-def run_folder(config: CN) -> str:
-    """``<OUTPUT>/<MODEL.NAME>/<TAG>``, with ``-eval`` or ``-throughput`` after the tag for those
-    modes, so they never write into (or over) a training run's files."""
-    suffix = "".join(s for key, s in MODE_SUFFIXES.items() if config.get(key, False))
-    return os.path.join(config.OUTPUT or "output", config.MODEL.NAME, config.TAG + suffix)
-
-
-def _lookup(config: CN, key: str):
-    """The value of a dotted key, or None where the config has no such key."""
-    node = config
-    for part in key.split("."):
-        if not isinstance(node, CN) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
-# the smallest value each key accepts, and the flag that sets it (named in the error)
-MINIMUM_VALUES = {"DATA.BATCH_SIZE": (1, "--batch-size"), "DATA.NUM_WORKERS": (0, "--num_workers"),
-                  "DATA.IMG_SIZE": (1, "--img_size"), "TRAIN.EPOCHS": (1, "--epochs"),
-                  "TRAIN.WARMUP_EPOCHS": (0, "--warmup_epochs"), "SAVE_FREQ": (1, ""), "PRINT_FREQ": (1, ""),
-                  "KEEP_CHECKPOINTS": (0, "")}
-
-
-def check_values(config: CN) -> None:
-    """UserError for values no run can use (one line naming the key), before anything starts."""
-    for key, (minimum, flag) in MINIMUM_VALUES.items():
-        value = _lookup(config, key)
-        if value is not None and value < minimum:
-            raise UserError(f"{key}{f' ({flag})' if flag else ''} must be at least {minimum}, got {value}")
-    if config.get("EVAL_MODE", False) and not (config.MODEL.RESUME or config.MODEL.PRETRAINED):
-        raise UserError("--eval needs weights to evaluate: pass --resume CHECKPOINT or --pretrained WEIGHTS")

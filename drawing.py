@@ -16,6 +16,8 @@ import os
 import matplotlib
 from PIL import Image, ImageDraw, ImageFont
 
+from config import UserError
+
 MIN_SIDE = 512  # a shorter side below this is scaled up by the smallest whole factor that reaches it
 Colour = tuple[int, int, int]
 LegendEntry = tuple[str, Colour]
@@ -78,3 +80,11 @@ def with_legend(image: Image.Image, title: str, entries: list[LegendEntry]) -> I
     picture.paste(image.convert("RGB"), (0, 0))
     picture.paste(panel, (image.width, 0))
     return picture
+
+
+def save_picture(picture: Image.Image, path: str) -> None:
+    """Write ``picture`` to ``path`` as a PNG; a path that cannot be written is a UserError naming it."""
+    try:
+        picture.save(path, format="PNG")
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot write {path}: {err}") from err

@@ -112,3 +112,16 @@ def describe(args: argparse.Namespace, result: DemoRun) -> str:
     return (f"{'beside a busy process' if args.neighbour else 'alone'}: wall {result.wall:.1f} s "
             f"({result.wall / 60:.2f} min, start-up included), CPU {result.cpu / 60:.2f} min, "
             f"{os.cpu_count()} cores; {result.plan}")
+
+
+def benchmark(description: str, config: str, script: str, header: str = "",
+              on_record: Callable[[dict], None] = lambda record: None) -> list[dict]:
+    """A demo benchmark: its flags parsed (``config``: the default --cfg), ``header`` printed,
+    ``script`` run to the end (each record to ``on_record``) and described in one line; returns
+    the records."""
+    args, extra = parse_arguments(description, config)
+    if header:
+        print(header, flush=True)
+    result = run_demo(script, args, extra, on_record)
+    print(describe(args, result))
+    return result.records

@@ -14,19 +14,18 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from demo import describe, parse_arguments, run_demo  # noqa: E402
+from demo import benchmark  # noqa: E402
 
 TARGET_AP50 = 0.7
 
 
 def main() -> int:
-    args, extra = parse_arguments(__doc__.splitlines()[0], "configs/detection/demo_digits.yaml")
-    print(f"{'epoch':>5} {'bbox AP50':>9} {'bbox AP':>8} {'segm AP':>8} {'wall min':>8} {'cpu min':>8}", flush=True)
-    result = run_demo("detection/train.py", args, extra,
-                      lambda r: print(f"{r['epoch']:>5} {r['bbox_AP50']:>9.3f} {r['bbox_AP']:>8.3f} {r['segm_AP']:>8.3f} "
-                                      f"{r['wall_min']:>8.2f} {r['cpu_min']:>8.2f}", flush=True))
-    print(describe(args, result))
-    reached = next((r for r in result.records if r["bbox_AP50"] >= TARGET_AP50), None)
+    records = benchmark(
+        __doc__.splitlines()[0], "configs/detection/demo_digits.yaml", "detection/train.py",
+        header=f"{'epoch':>5} {'bbox AP50':>9} {'bbox AP':>8} {'segm AP':>8} {'wall min':>8} {'cpu min':>8}",
+        on_record=lambda r: print(f"{r['epoch']:>5} {r['bbox_AP50']:>9.3f} {r['bbox_AP']:>8.3f} {r['segm_AP']:>8.3f} "
+                                  f"{r['wall_min']:>8.2f} {r['cpu_min']:>8.2f}", flush=True))
+    reached = next((r for r in records if r["bbox_AP50"] >= TARGET_AP50), None)
     if reached is None:
         print(f"bbox AP50 never reached {TARGET_AP50}")
         return 1

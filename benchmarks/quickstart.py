@@ -12,17 +12,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from demo import describe, parse_arguments, run_demo  # noqa: E402
+from demo import benchmark  # noqa: E402
 
 TARGET_TOP1 = 97.0
 
 
 def main() -> None:
-    args, extra = parse_arguments(__doc__.splitlines()[0], "configs/demo/digits.yaml")
-    result = run_demo("main.py", args, extra)
-    epochs = result.records
+    epochs = benchmark(__doc__.splitlines()[0], "configs/demo/digits.yaml", "main.py")
     reached = next((e["epoch"] for e in epochs if e["acc1"] >= TARGET_TOP1), None)
-    print(describe(args, result))
     print(f"epochs {len(epochs)}, final top-1 {epochs[-1]['acc1']:.2f}%, best {max(e['acc1'] for e in epochs):.2f}%, "
           f"first epoch at >= {TARGET_TOP1:.0f}%: {reached}")
 

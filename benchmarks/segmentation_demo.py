@@ -13,18 +13,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from demo import describe, parse_arguments, run_demo  # noqa: E402
+from demo import benchmark  # noqa: E402
 
 TARGET_MIOU = 0.6
 
 
 def main() -> None:
-    args, extra = parse_arguments(__doc__.splitlines()[0], "configs/segmentation/demo_digits.yaml")
-    result = run_demo("segmentation/train.py", args, extra)
-    evaluations = result.records
+    evaluations = benchmark(__doc__.splitlines()[0], "configs/segmentation/demo_digits.yaml", "segmentation/train.py")
     reached = next((e for e in evaluations if e["mIoU"] >= TARGET_MIOU), None)
     first = f"iteration {reached['iteration']} after {reached['wall_min']:.1f} wall min" if reached else "never"
-    print(describe(args, result))
     print("mIoU by iteration: " + ", ".join(f"{e['iteration']}: {100 * e['mIoU']:.1f}%" for e in evaluations))
     print(f"final mIoU {100 * evaluations[-1]['mIoU']:.2f}%; first evaluation at >= {100 * TARGET_MIOU:.0f}%: {first}")
 

@@ -13,6 +13,7 @@ other ``feature_cls`` values are refused.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -44,12 +45,17 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: CrossFormer) -> dict
     return {key.removeprefix("module."): value for key, value in state_dict.items()}
 
 
+def _setting(name: str, keyword: str) -> Any:
+    """Model ``name``'s ``keyword`` argument: its official config's value, else the class default."""
+    return MODELS[name].get(keyword, inspect.signature(CrossFormer).parameters[keyword].default)
+
+
 def _cfg(name: str) -> dict[str, Any]:
-    size = MODELS[name].get("img_size", 224)
-    patch_size, depths = MODELS[name]["patch_size"], MODELS[name]["depths"]
+    size = _setting(name, "img_size")
+    patch_size, depths = _setting(name, "patch_size"), _setting(name, "depths")
     last_map = size // patch_size[0] // 2 ** (len(depths) - 1)
     return dict(
-        url="", num_classes=1000, input_size=(3, size, size), pool_size=(last_map, last_map), crop_pct=0.875,
+        url="", num_classes=_setting(name, "num_classes"), input_size=(3, size, size), pool_size=(last_map, last_map), crop_pct=0.875,
         interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
         first_conv=tuple(f"patch_embed.projs.{i}" for i in range(len(patch_size))), classifier="head",
         license="mit", notes=(f"ImageNet-1K top-1 {TOP1[name]} (paper); no hosted weights, load a file with "

@@ -33,26 +33,13 @@ def _write_split(folder: str, images: np.ndarray, labels: np.ndarray, indices: n
 
 
 def ensure_digits_folder(root: str = "") -> str:
-    """The digits image folder under ``root`` (default ``~/.cache/crossformer/digits``).
+    """The digits image folder under ``root`` (default ``~/.cache/crossformer/digits``), written
+    only when ``root/train`` is missing (:func:`write_once_from_digits`)."""
+    def fill(staging: str, images: np.ndarray, targets: np.ndarray, train: np.ndarray, val: np.ndarray) -> None:
+        _write_split(os.path.join(staging, "train"), images, targets, train)
+        _write_split(os.path.join(staging, "val"), images, targets, val)
 
-    Written only when ``root/train`` is missing: into a temporary folder beside ``root`` that is
-    renamed into place, so concurrent processes never see half a folder; a process that loses
-    the rename race drops its copy and uses the winner's.
-    """
-    from sklearn.datasets import load_digits  # imported here: slow, and only digits needs it
-
-    root = os.path.abspath(os.path.expanduser(root or DEFAULT_ROOT))
-    if os.path.isdir(os.path.join(root, "train")):
-        return root
-    digits = load_digits()
-    train_indices, val_indices = split_indices(digits.target)
-
-    def fill(staging: str) -> None:
-        _write_split(os.path.join(staging, "train"), digits.images, digits.target, train_indices)
-        _write_split(os.path.join(staging, "val"), digits.images, digits.target, val_indices)
-
-    write_folder_once(root, "train", fill, "the digits dataset")
-    return root
+    return write_once_from_digits(root, DEFAULT_ROOT, "train", fill, "the digits dataset")
 
 
 def split_indices(targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -63,16 +50,30 @@ def split_indices(targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
                             random_state=SPLIT_SEED)
 
 
-def write_folder_once(root: str, marker: str, fill: Callable[[str], None], what: str) -> None:
-    """Create folder ``root`` by ``fill(staging)`` in a temporary folder beside it that is renamed
-    into place, so concurrent processes never see half a folder; a process that loses the rename
-    race drops its copy and uses the winner's (whose ``root/marker`` exists)."""
+# fill(staging folder, images, targets, train indices, val indices)
+FillFolder = Callable[[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray], None]
+
+
+def write_once_from_digits(root: str, default_root: str, marker: str, fill: FillFolder, what: str) -> str:
+    """Folder ``root`` (``default_root`` when empty; absolute, ``~`` expanded) of a demo set made
+    from scikit-learn's digits, written only when ``root/marker`` is missing: by ``fill`` with the
+    8x8 images, their targets and the fixed split (:func:`split_indices`), into a temporary folder
+    beside ``root`` that is renamed into place, so concurrent processes never see half a folder; a
+    process that loses the rename race drops its copy and uses the winner's. ``what`` names the set
+    in the UserError of a folder that cannot be written."""
+    root = os.path.abspath(os.path.expanduser(root or default_root))
+    if os.path.exists(os.path.join(root, marker)):
+        return root
+    from sklearn.datasets import load_digits  # imported here: slow, and only the demo sets need it
+
+    digits = load_digits()
+    train_indices, val_indices = split_indices(digits.target)
     parent = os.path.dirname(root)
     staging = ""
     try:
         os.makedirs(parent, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}-", dir=parent)
-        fill(staging)
+        fill(staging, digits.images, digits.target, train_indices, val_indices)
         os.rename(staging, root)  # replaces an empty folder; fails if another process won
     except OSError as err:
         if not os.path.exists(os.path.join(root, marker)):
@@ -80,3 +81,4 @@ def write_folder_once(root: str, marker: str, fill: Callable[[str], None], what:
     finally:
         if staging and os.path.isdir(staging):
             shutil.rmtree(staging)
+    return root

@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from config import UserError
-from data.digits import SPLIT_SEED, VAL_FRACTION
+from data.digits import write_once_from_digits
 
 DEFAULT_ROOT = os.path.join("~", ".cache", "crossformer", "digits_coco")
 IMAGE_SIZE = 96
@@ -81,31 +78,11 @@ def _write_split(root: str, split: str, digits: np.ndarray, labels: np.ndarray, 
 
 def ensure_digits_coco(root: str = "") -> str:
     """The demo set under ``root`` (default ``~/.cache/crossformer/digits_coco``), written only when
-    its val annotations are missing: into a temporary folder renamed into place, so concurrent
-    processes never see half of it."""
-    from sklearn.datasets import load_digits  # imported here: slow, and only the demo needs it
-    from sklearn.model_selection import train_test_split
-
-    root = os.path.abspath(os.path.expanduser(root or DEFAULT_ROOT))
-    done = os.path.join(root, "annotations", "instances_val2017.json")
-    if os.path.isfile(done):
-        return root
-    digits = load_digits()
-    train_pool, val_pool = train_test_split(np.arange(len(digits.target)), test_size=VAL_FRACTION,
-                                            stratify=digits.target, random_state=SPLIT_SEED)
-    parent = os.path.dirname(root)
-    staging = ""
-    try:
-        os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}-", dir=parent)
+    its val annotations are missing (:func:`data.digits.write_once_from_digits`)."""
+    def fill(staging: str, images: np.ndarray, targets: np.ndarray, train: np.ndarray, val: np.ndarray) -> None:
         os.makedirs(os.path.join(staging, "annotations"))
-        _write_split(staging, "train", digits.images, digits.target, train_pool, seed=1)
-        _write_split(staging, "val", digits.images, digits.target, val_pool, seed=2)
-        os.rename(staging, root)  # replaces an empty folder; fails if another process won
-    except OSError as err:
-        if not os.path.isfile(done):
-            raise UserError(f"cannot write the digits detection set to {root}: {err}") from err
-    finally:
-        if staging and os.path.isdir(staging):
-            shutil.rmtree(staging)
-    return root
+        _write_split(staging, "train", images, targets, train, seed=1)
+        _write_split(staging, "val", images, targets, val, seed=2)
+
+    return write_once_from_digits(root, DEFAULT_ROOT, os.path.join("annotations", "instances_val2017.json"), fill,
+                                  "the digits detection set")

@@ -29,7 +29,7 @@ from detection.coco import CategoryMap, load_coco  # noqa: E402
 from detection.coco_eval import MASK_THRESHOLD  # noqa: E402
 from detection.engine import dataset_root  # noqa: E402
 from detection.model import build_detector  # noqa: E402
-from drawing import (LegendEntry, distinct_colours, font_file, font_size, text_colour,  # noqa: E402
+from drawing import (LegendEntry, distinct_colours, font_file, font_size, save_picture, text_colour,  # noqa: E402
                      upscale_factor, with_legend)
 from runtime import launch  # noqa: E402
 from utils import load_checkpoint_file, load_weights, model_state  # noqa: E402
@@ -99,10 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             output = model([image.float() / 255])[0]
         picture, legend = draw_detections(image, output, names, args.score)
-        try:
-            picture.save(args.out, format="PNG")
-        except (OSError, ValueError) as err:
-            raise UserError(f"cannot write {args.out}: {err}") from err
+        save_picture(picture, args.out)
         print(f"{len(legend)} detections drawn to {args.out} ({image.shape[2]}x{image.shape[1]} image drawn at "
               f"{picture.width}x{picture.height} with its legend): {', '.join(text for text, _ in legend)}")
 

@@ -16,7 +16,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from data.digits import split_indices, write_folder_once
+from data.digits import write_once_from_digits
 
 DEFAULT_ROOT = os.path.join("~", ".cache", "crossformer", "digit_scenes")
 SCENE_SIZE = 64
@@ -73,19 +73,10 @@ def _write_split(root: str, split: str, images: np.ndarray, targets: np.ndarray,
 
 def ensure_digit_scenes(root: str = "") -> str:
     """The demo folder under ``root`` (default ``~/.cache/crossformer/digit_scenes``), written
-    only when ``root/images`` is missing (atomically, as the digits classification folder)."""
-    from sklearn.datasets import load_digits  # slow import, only needed here
-
-    root = os.path.abspath(os.path.expanduser(root or DEFAULT_ROOT))
-    if os.path.isdir(os.path.join(root, "images")):
-        return root
-    digits = load_digits()
-    train_pool, val_pool = split_indices(digits.target)
-
-    def fill(staging: str) -> None:
+    only when ``root/images`` is missing (:func:`data.digits.write_once_from_digits`)."""
+    def fill(staging: str, images: np.ndarray, targets: np.ndarray, train: np.ndarray, val: np.ndarray) -> None:
         rng = np.random.default_rng(GENERATOR_SEED)
-        _write_split(staging, "training", digits.images, digits.target, train_pool, rng)
-        _write_split(staging, "validation", digits.images, digits.target, val_pool, rng)
+        _write_split(staging, "training", images, targets, train, rng)
+        _write_split(staging, "validation", images, targets, val, rng)
 
-    write_folder_once(root, "images", fill, "the digit scenes dataset")
-    return root
+    return write_once_from_digits(root, DEFAULT_ROOT, "images", fill, "the digit scenes dataset")

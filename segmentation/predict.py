@@ -17,9 +17,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from config import UserError, load_config  # noqa: E402
+from config import load_config  # noqa: E402
 from data.images import load_image_file  # noqa: E402
-from drawing import LegendEntry, distinct_colours, upscale_factor, with_legend  # noqa: E402
+from drawing import LegendEntry, distinct_colours, save_picture, upscale_factor, with_legend  # noqa: E402
 from runtime import Precision, launch  # noqa: E402
 from segmentation.class_names import class_names  # noqa: E402
 from segmentation.engine import predict_probabilities  # noqa: E402
@@ -65,10 +65,7 @@ def main(args: argparse.Namespace) -> None:
     precision = Precision(config, torch.device("cpu"))
     classes = predict_probabilities(model, pixels, config, precision, ratios, flip).argmax(0)
     picture, legend = draw_classes(np.asarray(image), classes.numpy(), class_names(config), args.alpha)
-    try:
-        picture.save(args.out, format="PNG")
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot write {args.out}: {err}") from err
+    save_picture(picture, args.out)
     print(f"{args.out}: {image.width}x{image.height} image drawn at {picture.width}x{picture.height} with its "
           f"legend; classes: {', '.join(text for text, _ in legend)}")
 

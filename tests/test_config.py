@@ -1,4 +1,6 @@
 """config.py: BASE inheritance, overrides, main.py flags, and errors that name the culprit."""
+import inspect
+import json
 import os
 import re
 
@@ -6,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from config import UserError, get_config, get_default_config, load_config
+from config import UserError, class_defaults, get_config, get_default_config, load_config
 from main import build_parser, scale_learning_rates
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,6 +132,23 @@ def test_every_official_key_at_its_default_loads_and_differences_are_documented(
     section = differences_page()
     for key in DIFFERING_DEFAULTS:
         assert f"`{key}`" in section
+
+
+def test_model_defaults_come_from_the_class_but_four_from_the_authors_config():
+    from crossformer.model import CrossFormer
+    from crossformer.official import CROS_KEYWORDS, MODEL_KEYWORDS
+
+    signature = {name: parameter.default for name, parameter in inspect.signature(CrossFormer).parameters.items()
+                 if parameter.default is not inspect.Parameter.empty}
+    assert class_defaults() == {name: value for name, value in signature.items() if name != "norm_layer"}
+    signature = json.loads(json.dumps({**signature, "norm_layer": None}))  # tuples as lists, as in the config
+    signature["interval"] = signature["crs_interval"]  # interval is the synonym that defaults to crs_interval's
+    model = get_default_config().MODEL
+    ours = {keyword: model[key] for key, keyword in MODEL_KEYWORDS.items()}
+    ours.update({keyword: model.CROS[key] for key, keyword in CROS_KEYWORDS.items()}, grouping=model.CROS.GROUPING)
+    assert ours["mlp_ratio"] == [signature["mlp_ratio"]] * 4  # one per stage
+    differing = {keyword for keyword, value in ours.items() if keyword != "mlp_ratio" and value != signature[keyword]}
+    assert differing == {"patch_size", "merge_size", "embed_dim", "use_acl"}  # the authors' config.py's own
 
 
 @pytest.mark.parametrize("key,value", [
