@@ -472,14 +472,19 @@ def resolve_config_path(path: str) -> str:
 
 def closest_yaml_config(path: str) -> str:
     """The YAML config (relative to the repository root) whose name is closest to that of
-    ``path``; one under ``detection/`` or ``segmentation/`` (the authors' layout) is matched
-    with configs/detection or configs/segmentation only."""
+    ``path``, of the same model family (CrossFormer++ when the path says ``crossformerpp`` or
+    ``crossformer_pp``, as the authors' ++ configs do; CrossFormer otherwise); one under
+    ``detection/`` or ``segmentation/`` (the authors' layout) is matched with configs/detection
+    or configs/segmentation only."""
     task = os.path.relpath(os.path.abspath(path), REPO_ROOT).split(os.sep)[0]
     folder = os.path.join(REPO_ROOT, "configs", task if task in DENSE_TASKS else "")
     candidates = sorted(os.path.relpath(p, REPO_ROOT) for p in glob.glob(os.path.join(folder, "**", "*.yaml"),
                                                                            recursive=True))
+    plus_plus = "crossformer_pp" in path.replace("crossformerpp", "crossformer_pp")
+    candidates = [p for p in candidates if ("crossformer_pp" in p) == plus_plus] or candidates
     names = [os.path.splitext(os.path.basename(p))[0] for p in candidates]
-    best = difflib.get_close_matches(os.path.splitext(os.path.basename(path))[0], names, n=1, cutoff=0)
+    query = os.path.splitext(os.path.basename(path))[0].replace("crossformerpp", "crossformer_pp")
+    best = difflib.get_close_matches(query, names, n=1, cutoff=0)
     return candidates[names.index(best[0])] if best else os.path.join("configs", task)
 
 

@@ -65,11 +65,14 @@ def deterministic_algorithms() -> tuple[bool, bool]:
 
 @pytest.fixture(autouse=True)
 def trainer_flags_restored():
-    """The trainers run in-process by tests set torch's cuDNN and determinism flags for their
-    process (runtime.setup_run); put them back after each test."""
+    """The trainers run in-process by tests set torch's thread count (the CPU plan, which follows
+    the machine's load), cuDNN and determinism flags for their process (runtime.setup_run); put
+    them back after each test."""
     benchmark, deterministic = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
-    algorithms = deterministic_algorithms()
+    algorithms, threads = deterministic_algorithms(), torch.get_num_threads()
     yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = benchmark, deterministic
     if deterministic_algorithms() != algorithms:
         torch.use_deterministic_algorithms(algorithms[0], warn_only=algorithms[1])  # (imports torch._dynamo)

@@ -576,6 +576,10 @@ MMDET_CONFIGS = [  # API.md's and the authors' READMEs' .py configs, from their 
      "configs/segmentation/upernet_crossformer_s_ade20k_160k.yaml"),
     ("segmentation", "train", "configs/fpn_crossformer_s_ade20k_40k.py",
      "configs/segmentation/fpn_crossformer_s_ade20k_80k.yaml"),
+    ("detection", "train", "configs/crossformer_pp/mask_rcnn_crossformerpp_s_fpn_1x_coco.py",
+     "configs/detection/mask_rcnn_crossformer_pp_s_fpn_1x_coco.yaml"),
+    ("segmentation", "train", "configs/crossformer_pp/upernet_crossformerpp_s_ade20k.py",
+     "configs/segmentation/upernet_crossformer_pp_s_ade20k_160k.yaml"),
 ]
 
 
