@@ -9,7 +9,10 @@ Map of this file: the public classes :class:`CrossFormer`, :class:`Stage`,
 :class:`CrossFormerBlock`, :class:`Attention`, :class:`DynamicPosBias`, :class:`Mlp`,
 :class:`PatchEmbed`, :class:`PatchMerging`, :class:`RowConvPositionEncoding`; then the helpers: the
 per-module store of tensors kept between eager calls, sizes, grouping (index tables that gather
-the groups of a map and scatter them back), attention masks.
+the groups of a map and scatter them back), attention masks. What holds for the Flax port as well
+(layouts, index tables, DPB offsets, sizes, argument checks) is written once, without PyTorch, in
+:mod:`crossformer.grouping` and :mod:`crossformer.shapes`; the helpers here put it on a device and
+make it traceable.
 
 A block groups its map, attends inside each group with a dynamic position bias, and puts the
 groups back: SDA groups adjacent embeddings, LDA embeddings ``I`` apart. How a map of any size is
