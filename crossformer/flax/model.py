@@ -8,9 +8,9 @@ What parity needs, besides the same arithmetic: explicit conv padding ``(k - s) 
 'SAME'), LayerNorm epsilon 1e-5 with the two-pass variance, exact (erf) GELU, and padded keys
 scored ``PADDED_KEY_SCORE`` like the PyTorch attention mask.
 
-Everything that is not arithmetic on arrays comes from the torch-free modules the PyTorch model
-uses too: the per-block group sizes, the grouping layout of a map of any size (``grouping``: the
-ICLR backbone's or the CrossFormer++ backbone's), the index tables that gather a map's groups and
+What the two models share is imported from the torch-free modules the PyTorch model uses too:
+the per-block group sizes, the grouping layout of a map of any size (``grouping``: the ICLR
+backbone's or the CrossFormer++ backbone's), the index tables that gather a map's groups and
 scatter them back, the DPB offsets and the padded-key score (:mod:`crossformer.grouping`), the
 per-stage arguments, layer sizes and the input-size check (:mod:`crossformer.shapes`). Layouts
 and tables are worked out per call from static shapes, so any input size works under ``jax.jit``.
