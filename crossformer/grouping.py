@@ -1,12 +1,23 @@
 """How blocks group their maps, in plain Python shared by the PyTorch and the Flax model: the
-per-block group sizes of CrossFormer++ (GROUP_TYPE) and the grouping layout of a map of any size
-in either official layout (GROUPING)."""
+per-block group sizes of CrossFormer++ (GROUP_TYPE), the grouping layout of a map of any size
+in either official layout (GROUPING), the index tables that gather a map's groups and scatter
+them back, the DPB's relative offsets and the score of padded keys.
+
+The index tables are written once for both array libraries: they take ``arange`` (``np.arange``,
+or ``torch.arange`` on a device) and use nothing but integer arithmetic and broadcasting on what
+it returns, so PyTorch's export can follow them on symbolic sizes."""
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
+
+# Score given to padded keys. Finite, so a group made only of padding yields a uniform softmax
+# (its outputs are cut off) instead of NaN; small enough for float16.
+PADDED_KEY_SCORE = -1e4
+
+Arange = Callable[[Any], Any]  # n -> the integers 0 .. n-1 as a 1-D array (numpy's or PyTorch's)
 
 GROUP_TYPES = ("constant", "linear", "linear_div", "alter", "7_14")
 SMALLEST_PROGRESSIVE_GROUP = 4  # the group size the CrossFormer++ progressive group types start from
@@ -126,3 +137,67 @@ def _padded_layout(H: int, W: int, group_h: int, group_w: int, interval: int, pa
     pad_w = (W + span_w - 1) // span_w * span_w - W
     top, left = (pad_h // 2, pad_w // 2) if pad_type == 1 else (0, 0)
     return GroupLayout(group_h, group_w, interval, top, pad_h - top, left, pad_w - left)
+
+
+# ----------------------------------------------------------------------------- index tables
+def quotient_remainder(x: Any, divisor: int) -> tuple[Any, Any]:
+    """``(x // divisor, x % divisor)``, the remainder written as a difference: ONNX has no remainder
+    by a size computed at run time, which group sizes and intervals are in the ICLR layout."""
+    quotient = x // divisor
+    return quotient, x - quotient * divisor
+
+
+def group_positions(H: int, W: int, layout: GroupLayout, arange: Arange) -> Any:
+    """``(num_groups * group_h * group_w,)``: where each grouped embedding comes from in the
+    flattened ``H x W`` map, ``H * W`` for padding. Groups run over regions (row-major), then over
+    the ``interval**2`` offsets inside a region; members are row-major and ``interval`` apart.
+
+    Computed element-wise from one ``arange`` (no array whose size may be 1, no view of a padded
+    size), so that export reasons about it without guards on the input size."""
+    group_h, group_w, interval, top, bottom, left, right = layout
+    members = group_h * group_w
+    region_rows = (top + H + bottom) // (group_h * interval)
+    regions_per_row = (left + W + right) // (group_w * interval)
+    slot = arange(region_rows * regions_per_row * interval * interval * members)
+    grouped, member = quotient_remainder(slot, members)
+    grouped, col_offset = quotient_remainder(grouped, interval)
+    grouped, col_region = quotient_remainder(grouped, regions_per_row)
+    row_region, row_offset = quotient_remainder(grouped, interval)
+    member_row, member_col = quotient_remainder(member, group_w)
+    row = row_region * group_h * interval + member_row * interval + row_offset - top
+    col = col_region * group_w * interval + member_col * interval + col_offset - left
+    outside = (row < 0) | (row >= H) | (col < 0) | (col >= W)
+    position = row * W + col
+    return position + (H * W - position) * outside  # padding: H * W
+
+
+def ungroup_positions(H: int, W: int, layout: GroupLayout, arange: Arange) -> Any:
+    """``(H, W)``: the position of each embedding in the flattened grouped array (inverse of
+    :func:`group_positions`)."""
+    group_h, group_w, interval, top, bottom, left, right = layout
+
+    def coordinates(size: int, before: int, group: int) -> tuple[Any, Any, Any]:
+        """(region, offset, member) of each coordinate of the padded map along one axis."""
+        region, within = quotient_remainder(arange(size) + before, group * interval)
+        member, offset = quotient_remainder(within, interval)
+        return region, offset, member
+
+    row_region, row_offset, row_member = coordinates(H, top, group_h)
+    col_region, col_offset, col_member = coordinates(W, left, group_w)
+    regions_per_row = (left + W + right) // (group_w * interval)
+    groups = ((row_region * interval + row_offset)[:, None] * regions_per_row + col_region[None, :]) * interval \
+        + col_offset[None, :]
+    return groups * group_h * group_w + (row_member * group_w)[:, None] + col_member[None, :]
+
+
+def relative_offsets(group_h: int, group_w: int, arange: Arange) -> tuple[Any, Any]:
+    """All relative offsets ``(dy, dx)`` inside a ``group_h x group_w`` grid, as an integer table of
+    ``(2*group_h - 1) * (2*group_w - 1)`` rows (dy-major, as the official DPB table), and for each
+    (query, key) pair of the row-major members the row of its offset."""
+    span_w = 2 * group_w - 1
+    dy, dx = quotient_remainder(arange((2 * group_h - 1) * span_w), span_w)
+    column = arange(2)[None, :]  # the two columns by broadcasting, where the libraries' stack differs
+    table = (dy[:, None] + 1 - group_h) * (1 - column) + (dx[:, None] + 1 - group_w) * column
+    rows, cols = quotient_remainder(arange(group_h * group_w), group_w)
+    return table, ((rows[:, None] - rows[None, :] + group_h - 1) * span_w
+                   + cols[:, None] - cols[None, :] + group_w - 1)

@@ -9,7 +9,10 @@ Map of this file: the public classes :class:`CrossFormer`, :class:`Stage`,
 :class:`CrossFormerBlock`, :class:`Attention`, :class:`DynamicPosBias`, :class:`Mlp`,
 :class:`PatchEmbed`, :class:`PatchMerging`, :class:`RowConvPositionEncoding`; then the helpers: the
 per-module store of tensors kept between eager calls, sizes, grouping (index tables that gather
-the groups of a map and scatter them back), attention masks.
+the groups of a map and scatter them back), attention masks. What holds for the Flax port as well
+(layouts, index tables, DPB offsets, sizes, argument checks) is written once, without PyTorch, in
+:mod:`crossformer.grouping` and :mod:`crossformer.shapes`; the helpers here put it on a device and
+make it traceable.
 
 A block groups its map, attends inside each group with a dynamic position bias, and puts the
 groups back: SDA groups adjacent embeddings, LDA embeddings ``I`` apart. How a map of any size is
@@ -31,6 +34,7 @@ so they are refused.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Callable, Sequence, TypeVar
 
 import timm.layers
@@ -41,12 +45,10 @@ from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from crossformer.grouping import GroupLayout, block_group_sizes, group_layout, resolve_grouping
+from crossformer import grouping as plain_grouping
+from crossformer.grouping import PADDED_KEY_SCORE, GroupLayout, block_group_sizes, group_layout, resolve_grouping
 from crossformer.official import drop_derivable_buffers
-
-# Score given to padded keys. Finite, so a group made only of padding yields a uniform softmax
-# (its outputs are cut off) instead of NaN; small enough for float16.
-PADDED_KEY_SCORE = -1e4
+from crossformer.shapes import checked_stage_sizes, conv_output_size, cross_scale_channels, stage_arguments
 
 # The authors' default LDA intervals; a module constant so that an explicit crs_interval can be
 # told apart from the default (see CrossFormer's ``interval``).
@@ -89,16 +91,9 @@ class CrossFormer(nn.Module):
                 raise ValueError("give the LDA intervals once: crs_interval (the authors' name) or interval")
             crs_interval = interval
         num_stages = len(depths)
-        group_size = [group_size] * num_stages if isinstance(group_size, int) else list(group_size)
-        for name, values in (("num_heads", num_heads), ("group_size", group_size), ("crs_interval", crs_interval)):
-            if len(values) != num_stages:
-                raise ValueError(f"{name} needs one value per stage ({num_stages}), got {list(values)}")
-        if len(merge_size) != num_stages - 1:
-            raise ValueError(f"merge_size needs {num_stages - 1} kernel lists, got {list(merge_size)}")
-        if pad_type not in (0, 1):
-            raise ValueError(f"pad_type must be 0 or 1, got {pad_type}")
+        group_size, mlp_ratios = stage_arguments(depths, num_heads, group_size, crs_interval, mlp_ratio, merge_size,
+                                                 pad_type, interval_name="crs_interval")
         _check_global_pool(global_pool)
-        mlp_ratios = [mlp_ratio] * num_stages if isinstance(mlp_ratio, (int, float)) else list(mlp_ratio)
         self.img_size = tuple(to_2tuple(img_size))
         self.num_classes = num_classes
         self.global_pool = global_pool
@@ -683,44 +678,12 @@ def _check_global_pool(global_pool: str) -> None:
         raise ValueError(f"global_pool must be 'avg' or '' (none), got {global_pool!r}")
 
 
-def cross_scale_channels(out_dim: int, num_kernels: int) -> list[int]:
-    """Output channels of each kernel of a cross-scale layer: half for the smallest kernel, a
-    quarter for the next and so on; the largest kernel gets as many as the one before it."""
-    return [out_dim // 2 ** min(i + 1, num_kernels - 1) for i in range(num_kernels)]
-
-
 def cross_scale_convs(in_dim: int, out_dim: int, kernel_sizes: Sequence[int], stride: int) -> nn.ModuleList:
     """Convolutions of several kernel sizes, same stride, centred so all outputs align."""
     return nn.ModuleList(
         nn.Conv2d(in_dim, channels, kernel, stride=stride, padding=(kernel - stride) // 2)
         for channels, kernel in zip(cross_scale_channels(out_dim, len(kernel_sizes)), kernel_sizes)
     )
-
-
-def conv_output_size(size: int, kernel_sizes: Sequence[int], stride: int) -> int:
-    """Spatial size after a cross-scale layer (all its kernels give the same size); <= 0 if too small."""
-    kernel = kernel_sizes[0]
-    return (size + 2 * ((kernel - stride) // 2) - kernel) // stride + 1
-
-
-def stage_sizes(H: int, W: int, patch_size: Sequence[int],
-                merge_sizes: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
-    """Map size ``(h, w)`` of every stage for an ``H x W`` input (sizes < 1: input too small)."""
-    sizes = [(conv_output_size(H, patch_size, patch_size[0]), conv_output_size(W, patch_size, patch_size[0]))]
-    for kernels in merge_sizes:
-        sizes.append((conv_output_size(sizes[-1][0], kernels, 2), conv_output_size(sizes[-1][1], kernels, 2)))
-    return sizes
-
-
-def checked_stage_sizes(H: int, W: int, patch_size: Sequence[int],
-                        merge_sizes: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
-    """:func:`stage_sizes`, with a ValueError naming the smallest usable size if the input is too small."""
-    sizes = stage_sizes(H, W, patch_size, merge_sizes)
-    if any(size < 1 for hw in sizes for size in hw):  # one comparison per size: no guard on H against W
-        smallest = next(s for s in range(1, 4096) if min(stage_sizes(s, s, patch_size, merge_sizes)[-1]) >= 1)
-        raise ValueError(f"input {H}x{W} is too small for this model: its last stage would have "
-                         f"{sizes[-1][0]}x{sizes[-1][1]} embeddings; use at least {smallest}x{smallest}")
-    return sizes
 
 
 @register_notrace_function
@@ -777,68 +740,26 @@ def block_layout(H: int, W: int, group_size: int, interval: int, lda: bool, grou
 @register_notrace_function
 @torch.fx.wrap
 def relative_offsets(group_h: int, group_w: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """All relative offsets ``(dy, dx)`` inside a ``group_h x group_w`` grid, as a float table of
-    ``(2*group_h - 1) * (2*group_w - 1)`` rows (dy-major, as the official table), and for each
-    (query, key) pair of the row-major members the row of its offset."""
-    span_h = torch.arange(1 - group_h, group_h, device=device)
-    span_w = torch.arange(1 - group_w, group_w, device=device)
-    table = torch.stack(torch.meshgrid(span_h, span_w, indexing="ij"), dim=-1).reshape(-1, 2).float()
-    rows, cols = quotient_remainder(torch.arange(group_h * group_w, device=device), group_w)
-    return table, ((rows[:, None] - rows[None, :] + group_h - 1) * (2 * group_w - 1)
-                   + cols[:, None] - cols[None, :] + group_w - 1)
+    """:func:`crossformer.grouping.relative_offsets` on ``device``: the float table of offsets
+    ``(dy, dx)`` inside a ``group_h x group_w`` grid and the row of each (query, key) pair."""
+    table, index = plain_grouping.relative_offsets(group_h, group_w, partial(torch.arange, device=device))
+    return table.float(), index
 
 
 @register_notrace_function
 @torch.fx.wrap
 def group_index(H: int, W: int, layout: GroupLayout, device: torch.device) -> Tensor:
-    """``(num_groups * group_h * group_w,)``: where each grouped embedding comes from in the
-    flattened ``H x W`` map, ``H * W`` for padding. Groups run over regions (row-major), then over
-    the ``interval**2`` offsets inside a region; members are row-major and ``interval`` apart.
-
-    Computed element-wise from one ``arange`` (no tensor whose size may be 1, no view of a padded
-    size), so that export reasons about it without guards on the input size."""
-    group_h, group_w, interval, top, bottom, left, right = layout
-    members = group_h * group_w
-    region_rows = (top + H + bottom) // (group_h * interval)
-    regions_per_row = (left + W + right) // (group_w * interval)
-    slot = torch.arange(region_rows * regions_per_row * interval * interval * members, device=device)
-    grouped, member = quotient_remainder(slot, members)
-    grouped, col_offset = quotient_remainder(grouped, interval)
-    grouped, col_region = quotient_remainder(grouped, regions_per_row)
-    row_region, row_offset = quotient_remainder(grouped, interval)
-    member_row, member_col = quotient_remainder(member, group_w)
-    row = row_region * group_h * interval + member_row * interval + row_offset - top
-    col = col_region * group_w * interval + member_col * interval + col_offset - left
-    inside = (row >= 0) & (row < H) & (col >= 0) & (col < W)
-    return (row * W + col).masked_fill(~inside, H * W)
+    """:func:`crossformer.grouping.group_positions` on ``device``: ``(num_groups * group_h * group_w,)``,
+    where each grouped embedding comes from in the flattened ``H x W`` map, ``H * W`` for padding."""
+    return plain_grouping.group_positions(H, W, layout, partial(torch.arange, device=device))
 
 
 @register_notrace_function
 @torch.fx.wrap
 def ungroup_index(H: int, W: int, layout: GroupLayout, device: torch.device) -> Tensor:
-    """``(H, W)``: the position of each embedding in the flattened grouped tensor (inverse of
-    :func:`group_index`)."""
-    group_h, group_w, interval, top, bottom, left, right = layout
-
-    def coordinates(size: int, before: int, group: int) -> tuple[Tensor, Tensor, Tensor]:
-        """(region, offset, member) of each coordinate of the padded map along one axis."""
-        region, within = quotient_remainder(torch.arange(size, device=device) + before, group * interval)
-        member, offset = quotient_remainder(within, interval)
-        return region, offset, member
-
-    row_region, row_offset, row_member = coordinates(H, top, group_h)
-    col_region, col_offset, col_member = coordinates(W, left, group_w)
-    regions_per_row = (left + W + right) // (group_w * interval)
-    groups = ((row_region * interval + row_offset)[:, None] * regions_per_row + col_region[None, :]) * interval \
-        + col_offset[None, :]
-    return groups * group_h * group_w + (row_member * group_w)[:, None] + col_member[None, :]
-
-
-def quotient_remainder(x: Tensor, divisor: int) -> tuple[Tensor, Tensor]:
-    """``(x // divisor, x % divisor)``, the remainder written as a difference: ONNX has no remainder
-    by a size computed at run time, which group sizes and intervals are in the ICLR layout."""
-    quotient = x // divisor
-    return quotient, x - quotient * divisor
+    """:func:`crossformer.grouping.ungroup_positions` on ``device``: ``(H, W)``, the position of each
+    embedding in the flattened grouped tensor (inverse of :func:`group_index`)."""
+    return plain_grouping.ungroup_positions(H, W, layout, partial(torch.arange, device=device))
 
 
 def group_embeddings(x: Tensor, index: Tensor, members: int) -> Tensor:

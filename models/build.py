@@ -19,15 +19,14 @@ if TYPE_CHECKING:  # jax and flax stay optional
 
 def cross_scale_kwargs(config: CfgNode) -> dict:
     """The constructor arguments of a cross-scale model that PyTorch and Flax both take: the
-    MODEL section's (:func:`crossformer.official.model_kwargs`), the image size and
-    TRAIN.USE_CHECKPOINT."""
-    return dict(model_kwargs(config.MODEL), img_size=config.DATA.IMG_SIZE,
+    MODEL section's (:func:`crossformer.official.model_kwargs`), the image size, the grouping
+    layout (MODEL.CROS.GROUPING) and TRAIN.USE_CHECKPOINT."""
+    return dict(model_kwargs(config.MODEL), img_size=config.DATA.IMG_SIZE, grouping=config.MODEL.CROS.GROUPING,
                 use_checkpoint=config.TRAIN.USE_CHECKPOINT)
 
 
 def _cross_scale(config: CfgNode) -> CrossFormer:
-    # MODEL.CROS.GROUPING is the PyTorch model's alone until the Flax port takes it too
-    return CrossFormer(**cross_scale_kwargs(config), grouping=config.MODEL.CROS.GROUPING)
+    return CrossFormer(**cross_scale_kwargs(config))
 
 
 def _timm(config: CfgNode) -> nn.Module:

@@ -20,17 +20,11 @@ from crossformer.flax.compat import CrossFormer as KeywordCrossFormer, model_kwa
 from crossformer.flax.model import CrossFormer as FlaxCrossFormer  # noqa: E402
 from models import build_model  # noqa: E402
 from models.build import build_flax_model, cross_scale_kwargs  # noqa: E402
-from test_models import OFFICIAL, ROOT, fixture_model  # noqa: E402
+from test_models import DENSE, DENSE_LAYOUT, OFFICIAL, ROOT, dense_input, dense_model, fixture_model  # noqa: E402
 
 DEFAULT_CONFIGS = ["crossformer/tiny_patch4_group7_224", "crossformer_pp/small_patch4_group_const_224"]
-SIZES = [(224, 224), (256, 320)]  # at 256x320 most stages pad their maps (padding and masks run)
-
-# The PyTorch model now groups maps of other sizes as the official backbones do (MODEL.CROS.GROUPING);
-# the Flax port still groups them its old way until it is adapted.
-ICLR_LAYOUT = pytest.mark.xfail(strict=True, reason="grouping layout 'crossformer' (the ICLR backbone's, "
-                                "USE_ACL False) at a non-configured size: not ported to Flax yet")
-PP_SMALL_MAP = pytest.mark.xfail(strict=True, reason="grouping layout 'crossformer_pp': a map whose short side "
-                                 "is <= G is one group of max(H, W); not ported to Flax yet")
+# at 256x320 most stages pad their maps (padding and masks run) and group by their family's layout
+SIZES = [(224, 224), (256, 320)]
 
 
 def config_of(name: str):
@@ -84,19 +78,18 @@ def check_against_torch(name: str) -> None:
         np.testing.assert_allclose(flax_apply(nhwc(images)), expected, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", [pytest.param(DEFAULT_CONFIGS[0], marks=ICLR_LAYOUT), DEFAULT_CONFIGS[1]])
+@pytest.mark.parametrize("name", DEFAULT_CONFIGS)
 def test_official_config_logits_equal_pytorch_under_jit(name):
     check_against_torch(name)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [pytest.param(name, marks=ICLR_LAYOUT) if name.startswith("crossformer/") else name
-                                  for name in sorted(set(OFFICIAL) - set(DEFAULT_CONFIGS))])
+@pytest.mark.parametrize("name", sorted(set(OFFICIAL) - set(DEFAULT_CONFIGS)))
 def test_every_official_config_logits_equal_pytorch_under_jit(name):
     check_against_torch(name)
 
 
-@pytest.mark.parametrize("name", [pytest.param("v1_micro", marks=ICLR_LAYOUT), pytest.param("pp_micro", marks=PP_SMALL_MAP)])
+@pytest.mark.parametrize("name", ["v1_micro", "pp_micro"])
 def test_fixture_logits_equal_official_under_jit(name):
     torch_model, fixture = fixture_model(name)
     flax_apply = jitted(build_flax_model(fixture_config(fixture), fixture["model"]))
@@ -116,17 +109,21 @@ def test_group_type_fixture_logits_equal_official_under_jit(name):
     np.testing.assert_allclose(flax_apply(nhwc(fixture["input"])), fixture["logits"].numpy(), rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("option", ["ADAPT_INTER", "USE_CPE"])
-def test_options_not_ported_are_a_clear_error(option):
-    config = load_config_with(config_of("crossformer_pp/small_patch4_group_const_224"), [f"MODEL.CROS.{option}", True])
-    with pytest.raises(UserError, match=f"does not support .*MODEL.CROS.{option}"):
+def test_option_not_ported_is_a_clear_error():
+    config = load_config_with(config_of("crossformer_pp/small_patch4_group_const_224"), ["MODEL.CROS.USE_CPE", True])
+    with pytest.raises(UserError, match="does not support .*MODEL.CROS.USE_CPE"):
         build_flax_model(config)
 
 
 @pytest.mark.parametrize("options,size", [
-    # resized position embedding, padding split top/bottom
-    pytest.param(dict(ape=True, pad_type=1), (80, 112), marks=ICLR_LAYOUT),
-    pytest.param(dict(no_mask=True, use_acl=True, qkv_bias=False, patch_norm=False), (80, 112), marks=PP_SMALL_MAP),
+    # resized position embedding, padding split top/bottom; the ICLR layout (groups of the map's
+    # short side in stage 3, LDA groups grown to ceil(H/I) x ceil(W/I))
+    (dict(ape=True, pad_type=1), (80, 112)),
+    # the CrossFormer++ layout: maps whose short side is <= G are one group of max(H, W)
+    (dict(no_mask=True, use_acl=True, qkv_bias=False, patch_norm=False), (80, 112)),
+    # each layout chosen against its family, the interval from the map size (ADAPT_INTER)
+    (dict(grouping="crossformer_pp", adaptive_interval=True), (72, 104)),
+    (dict(grouping="crossformer", use_acl=True, group_size=5), (80, 112)),
     (dict(use_checkpoint=True, num_classes=0), (64, 64)),
 ])
 def test_model_options_equal_pytorch(options, size):
@@ -151,6 +148,25 @@ def test_intermediates_equal_pytorch():
         expected = torch_model.forward_intermediates(fixture["input"], intermediates_only=True)
     assert len(maps) == len(expected) == 4
     for feature, reference in zip(maps, expected):
+        np.testing.assert_allclose(np.asarray(feature), nhwc(reference), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("name,case", [("v1", 0), ("v1", 5), ("pp", 1), ("pp", 5)])
+def test_dense_stage_maps_equal_the_official_backbone_of_the_layout(name, case):
+    """At detection/segmentation sizes each family groups by its official backbone's layout (the
+    default ``grouping``), and its stage maps are the backbone's."""
+    case = DENSE[name]["cases"][case]
+    config = DENSE[name]["config"]
+    kwargs = {key: config[key] for key in ("patch_size", "merge_size", "embed_dim", "depths", "num_heads",
+                                           "mlp_ratio", "qkv_bias", "use_acl")}
+    model = from_torch(dense_model(name, case).state_dict(), num_classes=0, group_size=case["group_size"],
+                       interval=case["interval"], **kwargs)  # the final norm: the PyTorch init (unused)
+    assert model.grouping == DENSE_LAYOUT[name]
+    graphdef, state = nnx.split(model)
+    maps = jax.jit(lambda state, images: nnx.merge(graphdef, state).forward_intermediates(images))(
+        state, nhwc(dense_input(case)))
+    assert len(maps) == len(case["maps"]) == 4
+    for feature, reference in zip(maps, case["maps"]):
         np.testing.assert_allclose(np.asarray(feature), nhwc(reference), rtol=0, atol=1e-4)
 
 

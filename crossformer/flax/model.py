@@ -8,9 +8,12 @@ What parity needs, besides the same arithmetic: explicit conv padding ``(k - s) 
 'SAME'), LayerNorm epsilon 1e-5 with the two-pass variance, exact (erf) GELU, and padded keys
 scored ``PADDED_KEY_SCORE`` like the PyTorch attention mask.
 
-Every block gets its own group size and interval (interval 1 is SDA), computed once by
-:func:`block_groupings`; the ``min(H, W) <= G`` fallback to SDA and the padding depend on the
-map size and are worked out per call from static shapes, so any input size works under ``jax.jit``.
+What the two models share is imported from the torch-free modules the PyTorch model uses too:
+the per-block group sizes, the grouping layout of a map of any size (``grouping``: the ICLR
+backbone's or the CrossFormer++ backbone's), the index tables that gather a map's groups and
+scatter them back, the DPB offsets and the padded-key score (:mod:`crossformer.grouping`), the
+per-stage arguments, layer sizes and the input-size check (:mod:`crossformer.shapes`). Layouts
+and tables are worked out per call from static shapes, so any input size works under ``jax.jit``.
 """
 from __future__ import annotations
 
@@ -23,10 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from crossformer.grouping import block_group_sizes
-
-# Same score as the PyTorch model gives padded keys (finite: a group of padding only stays NaN-free).
-PADDED_KEY_SCORE = -1e4
+from crossformer.grouping import (PADDED_KEY_SCORE, GroupLayout, block_group_sizes, group_layout, group_positions,
+                                  relative_offsets, resolve_grouping, ungroup_positions)
+from crossformer.shapes import checked_stage_sizes, conv_output_size, cross_scale_channels, stage_arguments
 
 _linear_init = nnx.initializers.truncated_normal(stddev=0.02)
 # PyTorch's default Conv2d weight distribution: uniform with variance 1 / (3 * fan_in).
@@ -49,63 +51,28 @@ def _conv(in_dim: int, out_dim: int, kernel: int, stride: int, padding: int, rng
                     kernel_init=_conv_init, rngs=rngs)
 
 
-def cross_scale_channels(out_dim: int, num_kernels: int) -> list[int]:
-    """Output channels per kernel of a cross-scale layer: half for the smallest kernel, a quarter
-    for the next and so on; the largest kernel gets as many as the one before it."""
-    return [out_dim // 2 ** min(i + 1, num_kernels - 1) for i in range(num_kernels)]
-
-
-def conv_output_size(size: int, kernel_sizes: Sequence[int], stride: int) -> int:
-    """Spatial size after a cross-scale layer; <= 0 if the input is too small."""
-    kernel = kernel_sizes[0]
-    return (size + 2 * ((kernel - stride) // 2) - kernel) // stride + 1
-
-
-def block_groupings(depths: Sequence[int], group_size: Sequence[int], interval: Sequence[int],
-                    group_type: str, resolution: int) -> list[list[tuple[int, int]]]:
-    """``(group size, interval)`` of every block of every stage; interval 1 means SDA. Group sizes
-    come from :func:`crossformer.grouping.block_group_sizes` (GROUP_TYPE, as the PyTorch model);
-    SDA and LDA alternate, LDA with the stage's interval."""
-    sizes = block_group_sizes(group_type, group_size, depths, resolution)
-    return [[(sizes[s][i], interval[s] if i % 2 == 1 else 1) for i in range(depth)]
-            for s, depth in enumerate(depths)]
-
-
-def group_embeddings(x: jax.Array, group: int, interval: int) -> jax.Array:
-    """``(B, Hp, Wp, C)`` -> ``(B, num_groups, group*group, C)``: each ``(group*interval)`` region
-    splits into ``interval**2`` groups of embeddings ``interval`` apart (adjacent when 1)."""
-    B, Hp, Wp, C = x.shape
-    span = group * interval
-    x = x.reshape(B, Hp // span, group, interval, Wp // span, group, interval, C)
-    return x.transpose(0, 1, 3, 4, 6, 2, 5, 7).reshape(B, -1, group * group, C)
-
-
-def ungroup_embeddings(x: jax.Array, group: int, interval: int, Hp: int, Wp: int) -> jax.Array:
-    """Inverse of :func:`group_embeddings`."""
-    B, C = x.shape[0], x.shape[-1]
-    span = group * interval
-    x = x.reshape(B, Hp // span, interval, Wp // span, interval, group, group, C)
-    return x.transpose(0, 1, 5, 2, 3, 6, 4, 7).reshape(B, Hp, Wp, C)
-
-
 @lru_cache(maxsize=64)
-def relative_offsets(group: int) -> tuple[np.ndarray, np.ndarray]:
-    """All offsets ``(dy, dx)`` inside a ``group x group`` grid as a ``((2g-1)**2, 2)`` float
-    table, and for every (query, key) pair the row of its offset."""
-    span = np.arange(1 - group, group)
-    table = np.stack(np.meshgrid(span, span, indexing="ij"), axis=-1).reshape(-1, 2).astype(np.float32)
-    rows, cols = np.divmod(np.arange(group * group), group)
-    index = (rows[:, None] - rows[None, :] + group - 1) * (2 * group - 1) + cols[:, None] - cols[None, :] + group - 1
-    return table, index
+def grouping_plan(H: int, W: int, layout: GroupLayout,
+                  masked: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """The grouping of an ``H x W`` map by ``layout``: where each grouped embedding comes from in
+    the flattened map (``H * W`` for padding), the ``(num_groups, members)`` padded keys (None
+    without padding or unless ``masked``) and where each embedding goes back to, ``(H, W)``."""
+    index = group_positions(H, W, layout, np.arange)
+    padded = index.reshape(-1, layout.group_h * layout.group_w) == H * W if masked and any(layout[3:]) else None
+    return index, padded, ungroup_positions(H, W, layout, np.arange)
 
 
-@lru_cache(maxsize=64)
-def padded_key_mask(H: int, W: int, padding: tuple[int, int, int, int], group: int, interval: int) -> np.ndarray:
-    """``(num_groups, group**2)`` booleans, True where a grouped embedding is padding."""
-    top, bottom, left, right = padding
-    padded = np.ones((1, H + top + bottom, W + left + right, 1), dtype=bool)
-    padded[:, top:top + H, left:left + W] = False
-    return np.asarray(group_embeddings(padded, group, interval))[0, :, :, 0]
+def group_embeddings(x: jax.Array, index: np.ndarray, members: int) -> jax.Array:
+    """``(B, H, W, C)`` -> ``(B, num_groups, members, C)`` by the index of :func:`grouping_plan`
+    (padding is zeros)."""
+    B, H, W, C = x.shape
+    x = jnp.pad(x.reshape(B, H * W, C), ((0, 0), (0, 1), (0, 0)))
+    return x[:, index].reshape(B, -1, members, C)
+
+
+def ungroup_embeddings(x: jax.Array, inverse: np.ndarray) -> jax.Array:
+    """``(B, num_groups, members, C)`` -> ``(B, H, W, C)`` by the inverse of :func:`grouping_plan`."""
+    return x.reshape(x.shape[0], -1, x.shape[-1])[:, inverse]
 
 
 def resize_bicubic(x: jax.Array, size: tuple[int, int]) -> jax.Array:
@@ -203,19 +170,19 @@ class Attention(nnx.Module):
         self.proj = _linear(dim, dim, rngs)
         self.proj_drop = nnx.Dropout(proj_drop, rngs=rngs)
 
-    def position_bias(self, group: int) -> jax.Array:
-        """``(num_heads, group**2, group**2)`` bias from one DPB pass over all offsets."""
-        table, index = relative_offsets(group)
+    def position_bias(self, group_shape: tuple[int, int]) -> jax.Array:
+        """``(num_heads, N, N)`` bias of a ``Gh x Gw`` group from one DPB pass over all offsets."""
+        table, index = relative_offsets(*group_shape, np.arange)
         return self.pos(jnp.asarray(table, self.qkv.kernel.dtype))[index].transpose(2, 0, 1)
 
-    def __call__(self, x: jax.Array, group: int, padded_keys: np.ndarray | None = None,
+    def __call__(self, x: jax.Array, group_shape: tuple[int, int], padded_keys: np.ndarray | None = None,
                  deterministic: bool | None = None) -> jax.Array:
-        """``x``: ``(B, num_groups, group**2, C)`` -> same shape; ``padded_keys``:
-        ``(num_groups, group**2)``, True where a key is padding."""
+        """``x``: ``(B, num_groups, N, C)`` for groups of ``group_shape = (Gh, Gw)``, ``N = Gh * Gw``
+        -> same shape; ``padded_keys``: ``(num_groups, N)``, True where a key is padding."""
         B, num_groups, N, C = x.shape
         qkv = self.qkv(x).reshape(B, num_groups, N, 3, self.num_heads, C // self.num_heads)
         q, k, v = qkv.transpose(3, 0, 1, 4, 2, 5)  # each (B, groups, heads, N, head_dim)
-        mask = self.position_bias(group)[None]
+        mask = self.position_bias(group_shape)[None]
         if padded_keys is not None:
             mask = jnp.where(padded_keys[:, None, None, :], PADDED_KEY_SCORE, mask)
         scores = jnp.einsum("bghqd,bghkd->bghqk", q, k) * self.scale + mask.astype(q.dtype)
@@ -240,16 +207,20 @@ class Mlp(nnx.Module):
 class CrossFormerBlock(nnx.Module):
     """Norm -> group -> attend -> ungroup -> residual -> MLP residual [-> activation cooling].
 
-    ``interval`` 1 makes it an SDA block, larger an LDA block."""
+    ``lda`` False makes it an SDA block, True an LDA block with ``interval``; the map is grouped by
+    the layout ``grouping`` (``crossformer`` or ``crossformer_pp``) as the PyTorch block groups it."""
 
-    def __init__(self, dim: int, num_heads: int, group_size: int, interval: int, mlp_ratio: float = 4.0,
+    def __init__(self, dim: int, num_heads: int, group_size: int, interval: int, lda: bool, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, qk_scale: float | None = None, drop: float = 0.0, attn_drop: float = 0.0,
                  drop_path: float = 0.0, pad_type: int = 0, no_mask: bool = False, use_acl: bool = False,
-                 *, rngs: nnx.Rngs):
+                 adaptive_interval: bool = False, grouping: str = "crossformer_pp", *, rngs: nnx.Rngs):
         self.group_size = group_size
         self.interval = interval
+        self.lda = lda
         self.pad_type = pad_type
         self.no_mask = no_mask
+        self.adaptive_interval = adaptive_interval
+        self.grouping = grouping
         self.norm1 = _layer_norm(dim, rngs)
         self.attn = Attention(dim, num_heads, qkv_bias, qk_scale, attn_drop, drop, rngs=rngs)
         # Drop path is dropout of whole samples: one draw per sample, kept ones scaled by 1/(1-p).
@@ -261,33 +232,20 @@ class CrossFormerBlock(nnx.Module):
             self.ex_conv = _conv(dim, dim, 3, 1, 1, rngs, groups=dim)
             self.ex_ln = _layer_norm(dim, rngs)
 
-    def grouping(self, H: int, W: int) -> tuple[int, int]:
-        """(group size, interval) used for an ``H x W`` map; interval 1 means SDA."""
-        if min(H, W) <= self.group_size:
-            return min(H, W), 1
-        return self.group_size, self.interval
-
-    def padding(self, H: int, W: int) -> tuple[int, int, int, int]:
-        """(top, bottom, left, right) zero rows/columns that make the map a multiple of a region."""
-        group, interval = self.grouping(H, W)
-        span = group * interval
-        pad_h, pad_w = -H % span, -W % span
-        top, left = (pad_h // 2, pad_w // 2) if self.pad_type == 1 else (0, 0)
-        return top, pad_h - top, left, pad_w - left
+    def layout(self, H: int, W: int) -> GroupLayout:
+        """How this block groups and pads an ``H x W`` map (group shape, interval, padding)."""
+        return group_layout(H, W, self.group_size, self.interval, self.lda, self.grouping, self.pad_type,
+                            self.adaptive_interval)
 
     def __call__(self, x: jax.Array, deterministic: bool | None = None) -> jax.Array:
         """``(B, H, W, C)`` -> same shape."""
-        B, H, W, C = x.shape
-        group, interval = self.grouping(H, W)
-        top, bottom, left, right = self.padding(H, W)
+        H, W = x.shape[1:3]
+        layout = self.layout(H, W)
+        index, padded_keys, inverse = grouping_plan(H, W, layout, not self.no_mask)
         shortcut = x
-        x = jnp.pad(self.norm1(x), ((0, 0), (top, bottom), (left, right), (0, 0)))
-        Hp, Wp = x.shape[1:3]
-        padded_keys = None
-        if (top or bottom or left or right) and not self.no_mask:
-            padded_keys = padded_key_mask(H, W, (top, bottom, left, right), group, interval)
-        x = self.attn(group_embeddings(x, group, interval), group, padded_keys, deterministic=deterministic)
-        x = ungroup_embeddings(x, group, interval, Hp, Wp)[:, top:top + H, left:left + W]
+        x = group_embeddings(self.norm1(x), index, layout.group_h * layout.group_w)
+        x = ungroup_embeddings(self.attn(x, (layout.group_h, layout.group_w), padded_keys, deterministic=deterministic),
+                               inverse)
         x = shortcut + self.drop_path(x, deterministic=deterministic)
         x = x + self.drop_path(self.mlp(self.norm2(x), deterministic=deterministic), deterministic=deterministic)
         if self.use_acl:
@@ -296,18 +254,20 @@ class CrossFormerBlock(nnx.Module):
 
 
 class Stage(nnx.Module):
-    """Blocks (each with its own group size and interval), then an optional cross-scale merging."""
+    """Blocks (SDA and LDA alternating, each with its own group size), then an optional
+    cross-scale merging."""
 
-    def __init__(self, dim: int, num_heads: int, groupings: Sequence[tuple[int, int]], mlp_ratio: float,
+    def __init__(self, dim: int, num_heads: int, group_sizes: Sequence[int], interval: int, mlp_ratio: float,
                  qkv_bias: bool, qk_scale: float | None, drop: float, attn_drop: float, drop_path: Sequence[float],
                  merge_size: Sequence[int] | None, pad_type: int, no_mask: bool, use_acl: bool,
-                 use_checkpoint: bool = False, *, rngs: nnx.Rngs):
-        depth = len(groupings)
+                 use_checkpoint: bool = False, adaptive_interval: bool = False, grouping: str = "crossformer_pp",
+                 *, rngs: nnx.Rngs):
+        depth = len(group_sizes)
         self.blocks = nnx.List([
-            CrossFormerBlock(dim, num_heads, group, interval, mlp_ratio, qkv_bias, qk_scale, drop, attn_drop,
-                             drop_path[i], pad_type, no_mask, use_acl and (i + 1) % 3 == 0 and i < depth - 1,
-                             rngs=rngs)
-            for i, (group, interval) in enumerate(groupings)
+            CrossFormerBlock(dim, num_heads, group, interval, i % 2 == 1, mlp_ratio, qkv_bias, qk_scale, drop,
+                             attn_drop, drop_path[i], pad_type, no_mask,
+                             use_acl and (i + 1) % 3 == 0 and i < depth - 1, adaptive_interval, grouping, rngs=rngs)
+            for i, group in enumerate(group_sizes)
         ])
         self.downsample = PatchMerging(dim, merge_size, rngs=rngs) if merge_size else None
         self.use_checkpoint = use_checkpoint
@@ -323,7 +283,9 @@ class Stage(nnx.Module):
 
 class CrossFormer(nnx.Module):
     """CrossFormer / CrossFormer++ classifier, the constructor arguments of the PyTorch
-    ``crossformer.CrossFormer`` plus ``rngs``; any input size at run time.
+    ``crossformer.CrossFormer`` (``interval`` for the LDA intervals; ``grouping`` the layout at
+    sizes other than the configured square one, ``auto`` following the family as there) plus
+    ``rngs``; any input size at run time.
 
     ``model(images)`` maps ``(B, H, W, in_chans)`` to ``(B, num_classes)`` logits. Dropout and drop
     path follow ``model.train()`` / ``model.eval()`` unless ``deterministic`` is given.
@@ -332,7 +294,7 @@ class CrossFormer(nnx.Module):
     def __init__(self, img_size: int | Sequence[int] = 224, patch_size: Sequence[int] = (4, 8, 16, 32),
                  in_chans: int = 3, num_classes: int = 1000, embed_dim: int = 96,
                  depths: Sequence[int] = (2, 2, 6, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
-                 group_size: Sequence[int] = (7, 7, 7, 7), interval: Sequence[int] = (8, 4, 2, 1),
+                 group_size: int | Sequence[int] = (7, 7, 7, 7), interval: Sequence[int] = (8, 4, 2, 1),
                  mlp_ratio: float | Sequence[float] = 4.0, qkv_bias: bool = True,
                  qk_scale: float | None = None, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.1, ape: bool = False, patch_norm: bool = True,
@@ -340,25 +302,18 @@ class CrossFormer(nnx.Module):
                  merge_size: Sequence[Sequence[int]] = ((2, 4), (2, 4), (2, 4)),
                  group_type: str = "constant", use_acl: bool = False, pad_type: int = 0,
                  no_mask: bool = False, adaptive_interval: bool = False, use_cpe: bool = False, *,
-                 rngs: nnx.Rngs):
-        """The arguments of the PyTorch model; ``adaptive_interval`` and ``use_cpe`` (CrossFormer++
-        options that no official config uses) are not ported yet and raise ValueError."""
-        for name, value in (("adaptive_interval (MODEL.CROS.ADAPT_INTER)", adaptive_interval),
-                            ("use_cpe (MODEL.CROS.USE_CPE)", use_cpe)):
-            if value:
-                raise ValueError(f"the Flax model does not support {name} yet; use the PyTorch model")
+                 grouping: str = "auto", rngs: nnx.Rngs):
+        """The arguments of the PyTorch model; ``use_cpe`` (a CrossFormer++ option that no official
+        config uses) is not ported yet and raises ValueError."""
+        if use_cpe:
+            raise ValueError("the Flax model does not support use_cpe (MODEL.CROS.USE_CPE) yet; use the PyTorch model")
         num_stages = len(depths)
-        for name, values in (("num_heads", num_heads), ("group_size", group_size), ("interval", interval)):
-            if len(values) != num_stages:
-                raise ValueError(f"{name} needs one value per stage ({num_stages}), got {list(values)}")
-        if len(merge_size) != num_stages - 1:
-            raise ValueError(f"merge_size needs {num_stages - 1} kernel lists, got {list(merge_size)}")
-        if pad_type not in (0, 1):
-            raise ValueError(f"pad_type must be 0 or 1, got {pad_type}")
-        mlp_ratios = [mlp_ratio] * num_stages if isinstance(mlp_ratio, (int, float)) else list(mlp_ratio)
+        group_size, mlp_ratios = stage_arguments(depths, num_heads, group_size, interval, mlp_ratio, merge_size,
+                                                 pad_type)
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.grouping = resolve_grouping(grouping, use_acl)
         # the first stage's resolution as the official code counts it (image height // patch stride)
-        groupings = block_groupings(depths, group_size, interval, group_type, self.img_size[0] // patch_size[0])
+        group_sizes = block_group_sizes(group_type, group_size, depths, self.img_size[0] // patch_size[0])
         self.num_classes = num_classes
         self.num_features = embed_dim * 2 ** (num_stages - 1)
 
@@ -370,10 +325,10 @@ class CrossFormer(nnx.Module):
         self.pos_drop = nnx.Dropout(drop_rate, rngs=rngs)
         drop_paths = np.linspace(0, drop_path_rate, sum(depths)).tolist()
         self.layers = nnx.List([
-            Stage(embed_dim * 2 ** i, num_heads[i], groupings[i], mlp_ratios[i], qkv_bias, qk_scale, drop_rate,
-                  attn_drop_rate, drop_paths[sum(depths[:i]):sum(depths[:i + 1])],
+            Stage(embed_dim * 2 ** i, num_heads[i], group_sizes[i], interval[i], mlp_ratios[i], qkv_bias, qk_scale,
+                  drop_rate, attn_drop_rate, drop_paths[sum(depths[:i]):sum(depths[:i + 1])],
                   merge_size[i] if i < num_stages - 1 else None, pad_type, no_mask, use_acl, use_checkpoint,
-                  rngs=rngs)
+                  adaptive_interval, self.grouping, rngs=rngs)
             for i in range(num_stages)
         ])
         self.norm = _layer_norm(self.num_features, rngs)
@@ -381,19 +336,8 @@ class CrossFormer(nnx.Module):
 
     def stage_sizes(self, H: int, W: int) -> list[tuple[int, int]]:
         """Map size ``(h, w)`` of every stage for an ``H x W`` input; ValueError if too small."""
-        sizes = self._unchecked_stage_sizes(H, W)
-        if min(min(size) for size in sizes) < 1:
-            smallest = next(s for s in range(1, 4096) if min(self._unchecked_stage_sizes(s, s)[-1]) >= 1)
-            raise ValueError(f"input {H}x{W} is too small for this model: its last stage would have "
-                             f"{sizes[-1][0]}x{sizes[-1][1]} embeddings; use at least {smallest}x{smallest}")
-        return sizes
-
-    def _unchecked_stage_sizes(self, H: int, W: int) -> list[tuple[int, int]]:
-        kernels, stride = self.patch_embed.patch_size, self.patch_embed.patch_size[0]
-        sizes = [(conv_output_size(H, kernels, stride), conv_output_size(W, kernels, stride))]
-        for layer in list(self.layers)[:-1]:
-            sizes.append(tuple(conv_output_size(s, layer.downsample.kernel_sizes, 2) for s in sizes[-1]))
-        return sizes
+        return checked_stage_sizes(H, W, self.patch_embed.patch_size,
+                                   [layer.downsample.kernel_sizes for layer in list(self.layers)[:-1]])
 
     def _embed(self, x: jax.Array, deterministic: bool | None) -> jax.Array:
         self.stage_sizes(x.shape[1], x.shape[2])
