@@ -1,4 +1,5 @@
 """The Flax model against the PyTorch one and the official logits: converted weights, jit, any size."""
+import inspect
 import os
 import subprocess
 import sys
@@ -107,6 +108,20 @@ def test_group_type_fixture_logits_equal_official_under_jit(name):
     _, fixture = fixture_model(name)
     flax_apply = jitted(build_flax_model(fixture_config(fixture), fixture["model"]))
     np.testing.assert_allclose(flax_apply(nhwc(fixture["input"])), fixture["logits"].numpy(), rtol=0, atol=1e-4)
+
+
+def test_defaults_are_the_pytorch_models():
+    """The Flax constructor's defaults are the PyTorch class's (``interval`` is its ``crs_interval``),
+    and both build the same model from them."""
+    torch_parameters = inspect.signature(TorchCrossFormer.__init__).parameters
+    flax_parameters = inspect.signature(FlaxCrossFormer.__init__).parameters
+    names = {"interval": "crs_interval"}
+    for name, parameter in flax_parameters.items():
+        if parameter.default is not inspect.Parameter.empty:
+            assert parameter.default == torch_parameters[names.get(name, name)].default, name
+    model = nnx.eval_shape(lambda: FlaxCrossFormer(rngs=nnx.Rngs(0)))
+    flax_count = sum(leaf.size for leaf in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
+    assert flax_count == sum(p.numel() for p in TorchCrossFormer().parameters())
 
 
 def test_option_not_ported_is_a_clear_error():

@@ -291,7 +291,7 @@ class CrossFormer(nnx.Module):
     path follow ``model.train()`` / ``model.eval()`` unless ``deterministic`` is given.
     """
 
-    def __init__(self, img_size: int | Sequence[int] = 224, patch_size: Sequence[int] = (4, 8, 16, 32),
+    def __init__(self, img_size: int | Sequence[int] = 224, patch_size: Sequence[int] = (4,),
                  in_chans: int = 3, num_classes: int = 1000, embed_dim: int = 96,
                  depths: Sequence[int] = (2, 2, 6, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
                  group_size: int | Sequence[int] = (7, 7, 7, 7), interval: Sequence[int] = (8, 4, 2, 1),
@@ -299,11 +299,12 @@ class CrossFormer(nnx.Module):
                  qk_scale: float | None = None, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.1, ape: bool = False, patch_norm: bool = True,
                  use_checkpoint: bool = False,
-                 merge_size: Sequence[Sequence[int]] = ((2, 4), (2, 4), (2, 4)),
+                 merge_size: Sequence[Sequence[int]] = ((2,), (2,), (2,)),
                  group_type: str = "constant", use_acl: bool = False, pad_type: int = 0,
                  no_mask: bool = False, adaptive_interval: bool = False, use_cpe: bool = False, *,
                  grouping: str = "auto", rngs: nnx.Rngs):
-        """The arguments of the PyTorch model; ``use_cpe`` (a CrossFormer++ option that no official
+        """The arguments of the PyTorch model, with its defaults (a test holds them equal);
+        ``interval`` is its ``crs_interval``. ``use_cpe`` (a CrossFormer++ option that no official
         config uses) is not ported yet and raises ValueError."""
         if use_cpe:
             raise ValueError("the Flax model does not support use_cpe (MODEL.CROS.USE_CPE) yet; use the PyTorch model")
