@@ -14,7 +14,7 @@ from timm.optim import param_groups_layer_decay
 import timm
 import crossformer
 from crossformer.timm_models import MODELS, TOP1
-from test_train import accuracies, check_ok, load_ckpt, run_main
+from conftest import accuracies, check_ok, load_ckpt, run_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
