@@ -65,6 +65,7 @@ def weights(path):
 
 @pytest.fixture(scope="module")
 def three_epoch_run(digits, tmp_path_factory):
+    """The uninterrupted run folder of ``command``: three epochs, a checkpoint each."""
     output = tmp_path_factory.mktemp("uninterrupted")
     result = run(command(digits, output))
     assert result.returncode == 0, result.stderr
@@ -230,6 +231,8 @@ def ema_command(digits_path, output, *extra):
 
 @pytest.fixture(scope="module")
 def ema_run(digits_dir, tmp_path_factory):
+    """The uninterrupted run folder of ``ema_command``: three epochs with step checkpoints, model EMA
+    and random augmentation."""
     output = tmp_path_factory.mktemp("uninterrupted")
     result = subprocess.run([sys.executable, *ema_command(digits_dir, output)], cwd=ROOT, capture_output=True, text=True,
                             timeout=600, env=training_environment())
