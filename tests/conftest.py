@@ -1,11 +1,15 @@
+import json
+import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -136,7 +140,13 @@ def process_state_kept():
         pytest.fail("the test module left process-wide state changed: " + "; ".join(changed), pytrace=False)
 # ----------------------------------------------------------------------------- shared by the training tests
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                 "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
+DEMO_CFG = "configs/demo/digits.yaml"  # the digits demo, relative to ROOT (where the scripts run)
+DEMO_RUN_DIR = os.path.join("cros_demo_digits", "default")  # its run folder under --output
+ACC_LINE = re.compile(r" \* Acc@1 (\d+\.\d+) Acc@5 (\d+\.\d+)")
+TRAIN_LINE = re.compile(r"Train: \[(\d+)/(\d+)\]\[(\d+)/(\d+)\].*?lr (\S+)\s.*?grad_norm (\S+) ")
+TIMEOUT_S = 300
 
 
 def training_environment() -> dict:
@@ -195,6 +205,96 @@ class TrainingProcess:
         stdout, stderr = self.output()
         assert self.process.returncode == 0, stderr[-3000:]
         return stdout
+
+
+def run_script(script: str, *args, launcher: tuple = (), timeout: int = TIMEOUT_S) -> subprocess.CompletedProcess:
+    """``python [launcher...] script args`` from the repository root, outside any launcher's env."""
+    command = [sys.executable, *launcher, script, *map(str, args)]
+    return subprocess.run(command, cwd=ROOT, env=training_environment(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def run_main(*args, launcher: tuple = (), timeout: int = TIMEOUT_S) -> subprocess.CompletedProcess:
+    return run_script("main.py", *args, launcher=launcher, timeout=timeout)
+
+
+def explain(result: subprocess.CompletedProcess) -> str:
+    return (f"exit {result.returncode}\n--- stdout (tail)\n{result.stdout[-4000:]}\n"
+            f"--- stderr (tail)\n{result.stderr[-4000:]}")
+
+
+def check_ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, explain(result)
+
+
+def accuracies(text: str) -> list[tuple[str, str]]:
+    """Every ``(Acc@1, Acc@5)`` pair printed by ``validate``, as printed (three decimals)."""
+    return ACC_LINE.findall(text)
+
+
+def load_ckpt(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def run_in_process(argv: list, capsys) -> tuple[int, list[str], str]:
+    """``main.run(argv)`` in this process: exit code, stderr lines, stdout."""
+    import main
+
+    capsys.readouterr()
+    code = main.run([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.err.strip().splitlines(), captured.out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def demo_args(data_path, output) -> list:
+    """main.py's arguments for the digits demo without loader workers."""
+    return ["--cfg", DEMO_CFG, "--data-path", data_path, "--output", output, "--num_workers", 0]
+
+
+@pytest.fixture(scope="session")
+def one_epoch_run(digits_dir, tmp_path_factory) -> SimpleNamespace:
+    """One epoch of the demo config on digits (demo model, batch 64, 22 steps), trained once per
+    session by main.py in a subprocess."""
+    output = tmp_path_factory.mktemp("one_epoch")
+    result = run_main(*demo_args(digits_dir, output), "--epochs", 1, "--opts", "PRINT_FREQ", 5)
+    check_ok(result)
+    run_dir = output / DEMO_RUN_DIR
+    return SimpleNamespace(result=result, output=output, run_dir=run_dir,
+                           ckpt=run_dir / "ckpt_epoch_0.pth", acc=accuracies(result.stdout))
+
+
+FOUR_EPOCHS, KEEP_CHECKPOINTS = 4, 2
+
+
+def four_epoch_args(digits_dir, output) -> list:
+    return [*demo_args(digits_dir, output), "--epochs", FOUR_EPOCHS, "--opts", "KEEP_CHECKPOINTS", KEEP_CHECKPOINTS,
+            "SAVE_FREQ", 1, "PRINT_FREQ", 5]
+
+
+@pytest.fixture(scope="session")
+def four_epoch_run(digits_dir, tmp_path_factory) -> SimpleNamespace:
+    """Four epochs of the demo config on digits, a checkpoint each epoch and the newest
+    KEEP_CHECKPOINTS kept, trained once per session by main.py in a subprocess (like a user's run)."""
+    output = tmp_path_factory.mktemp("four_epochs")
+    args = four_epoch_args(digits_dir, output)
+    result = run_main(*args)
+    check_ok(result)
+    run_dir = output / DEMO_RUN_DIR
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return SimpleNamespace(args=args, output=output, run_dir=run_dir, result=result, metrics=metrics)
+
+
+def assert_same_weights(a: dict, b: dict, tol: float = 1e-6) -> None:
+    """Two state dicts hold the same tensors, within ``tol``."""
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=tol, msg=key)
 
 
 def assert_bit_identical(path, reference, keys=("model",)) -> None:
@@ -272,3 +372,85 @@ def read_flops_table(doc: str) -> list[dict]:
         rows = [line.strip().strip("|").split("|") for line in f if line.startswith("| `")]
     keys = ("config", "parameters", "paper_parameters", "gflops", "paper_gflops", "difference")
     return [dict(zip(keys, (cell.strip().strip("`") for cell in row))) for row in rows if len(row) == len(keys)]
+
+
+# ----------------------------------------------------------------------------- a toy run of the run core, in process
+CPU = torch.device("cpu")
+
+
+def toy_config(output, schedule: str, interrupted: bool):
+    from config import get_default_config
+
+    config = get_default_config()
+    config.OUTPUT = str(output)
+    config.DATA.BATCH_SIZE, config.DATA.NUM_WORKERS = 2, 0
+    config.TRAIN.EPOCHS, config.SAVE_FREQ, config.PRINT_FREQ, config.AMP_OPT_LEVEL = 3, 2, 1, "O0"
+    config.SEG.MAX_ITERS, config.SEG.EVAL_INTERVAL, config.SEG.CHECKPOINT_INTERVAL = 10, 5, 4
+    # the interrupted runs save a step checkpoint after every update: when they are taken changes nothing
+    config.TRAIN.CHECKPOINT_MINUTES = 1e-9 if interrupted else 0
+    config.freeze()
+    return config
+
+
+class ToyRun:
+    """A two-layer model with dropout on 8 samples (4 batches a pass), trained through TrainingRun
+    with the ``schedule`` given; ``signal_at`` sends SIGTERM to this process in the ``losses`` call
+    or ``evaluate`` call of that number (counted over launches)."""
+
+    def __init__(self, output, schedule: str, interrupted: bool = False, signal_at: tuple[str, int] = ("", 0)):
+        from torch.utils.data import TensorDataset
+
+        from data.resumable import resumable_loader
+        from runtime import Precision
+        from training import BestModel, EpochSchedule, IterationSchedule, TrainingRun
+        from utils import DistInfo
+
+        self.config = config = toy_config(output, schedule, interrupted)
+        torch.manual_seed(0)
+        self.model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 2))
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=0.01)
+        generator = torch.Generator().manual_seed(1)
+        data = TensorDataset(torch.randn(8, 3, generator=generator), torch.randint(0, 2, (8,), generator=generator))
+        self.loader = resumable_loader(data, config, 0, 1)
+        steps = len(self.loader)
+        kind = EpochSchedule(config, steps) if schedule == "epoch" else IterationSchedule(config, steps)
+
+        def set_learning_rate(updates):
+            for group in optimizer.param_groups:
+                group["lr"] = 0.01 / (1 + updates)
+
+        self.run = TrainingRun(config, DistInfo(0, 1, 0, CPU), logging.getLogger("toy_run"), kind, self.model,
+                               optimizer, Precision(config, CPU), set_learning_rate,
+                               BestModel("score", "best_score", "best_score", "Max score: {:.4f}",
+                                         lambda r: f"score {r['score']:.4f}"))
+        self.signal_at = signal_at
+        self.calls = {"losses": 0, "evaluate": 0}
+        self.probe = torch.randn(4, 3, generator=generator)
+
+    def _count(self, name):
+        self.calls[name] += 1
+        if self.signal_at == (name, self.calls[name]):
+            os.kill(os.getpid(), signal.SIGTERM)  # recorded by the run's handler, acted on at the step boundary
+
+    def losses(self, batch):
+        from training import supervised_losses
+
+        self._count("losses")
+        return supervised_losses(self.model, torch.nn.CrossEntropyLoss(), CPU)(batch)
+
+    def evaluate(self):
+        self._count("evaluate")
+        with torch.no_grad():
+            return {"score": float(self.model.eval()(self.probe).softmax(1)[:, 0].mean())}
+
+    def fit(self):
+        """Restore, then fit; the signal handlers of this process are put back afterwards."""
+        previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+        try:
+            self.run.restore()
+            if not self.run.complete:
+                self.run.fit(self.loader, self.losses, self.evaluate)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        return self

@@ -1,8 +1,8 @@
-"""``--compile`` (issue 12): the compiled forward gives the eager logits at several input sizes
-from one graph, main.py trains and measures throughput with it, and checkpoints keep the eager
-parameter names. The fast tests compile with ``aot_eager`` (the graph capture, AOT autograd and
-size guards that inductor gets, without the C++ compile) or, where only main.py's wiring is
-checked, ``eager``; the inductor one is slow."""
+"""``--compile`` (runtime.compile_model): the compiled forward gives the eager logits at several
+input sizes from one graph, main.py trains and measures throughput with it, and checkpoints keep
+the eager parameter names. The fast tests compile with ``aot_eager`` (the graph capture, AOT
+autograd and size guards that inductor gets, without the C++ compile) or, where only main.py's
+wiring is checked, ``eager``; the inductor one is slow."""
 from __future__ import annotations
 
 import os

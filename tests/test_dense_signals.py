@@ -5,7 +5,7 @@ record once; the signals exit 0 with the resume line. Both demo configs, on smal
 random flips, multi-scale detection, drop path and two loader workers asked for (config.yaml
 keeps that number, whatever the CPU plan gives).
 
-The run core's logic behind this is checked in process, fast, by tests/test_run_core.py; these
+The run core's logic behind this is checked in process, fast, by tests/test_resume.py; these
 end-to-end runs are slow tests. Kills are timed by progress markers in the run log (a step
 checkpoint written), never by fixed sleeps alone, so a loaded machine only slows them down.
 """

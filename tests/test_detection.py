@@ -15,8 +15,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -24,7 +22,8 @@ import torch
 from pycocotools import mask as mask_utils
 
 from config import UserError, load_config
-from conftest import dense_fixture_input, dense_fixture_opts, load_dense_fixture, read_flops_table
+from conftest import (dense_fixture_input, dense_fixture_opts, explain, load_dense_fixture, read_flops_table,
+                      run_script)
 from detection import engine
 from detection.backbone import build_backbone
 from detection.coco import CategoryMap, CocoDetection, load_coco
@@ -38,7 +37,6 @@ DEMO_CFG = "configs/detection/demo_digits.yaml"
 CASCADE_DEMO_CFG = "configs/detection/demo_digits_cascade.yaml"
 RUN_SUBDIR = os.path.join("mask_rcnn_demo_digits", "default")
 EVAL_SUBDIR = RUN_SUBDIR + "-eval"  # evaluation runs write beside the training run, never into it
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 DETECTED_LINE = re.compile(r"detected (\d+) objects in (\d+) images")
 # paper parameter counts (80 classes)
 # pycocotools' mask decoding trips a NumPy 2 deprecation warning (not ours)
@@ -61,17 +59,6 @@ def meta_detector(config):
     """The detector of ``config`` on the meta device: its structure without memory or arithmetic."""
     with torch.device("meta"):
         return build_detector(config)
-
-
-def run_script(script: str, *args, launcher: tuple = (), timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    command = [sys.executable, *launcher, script, *map(str, args)]
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def explain(result: subprocess.CompletedProcess) -> str:
-    return f"exit {result.returncode}\n--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}"
 
 
 def read_metrics(run_dir) -> list[dict]:
@@ -534,8 +521,8 @@ def test_flops_table_rows_are_the_scripts_count(row):
 
 # ----------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
-def trained(digits_root, tmp_path_factory):
-    """Two demo epochs on the small set (4 steps each), a checkpoint per epoch."""
+def detection_run(digits_root, tmp_path_factory):
+    """Two epochs of the detection demo on the small set (4 steps each), a checkpoint per epoch."""
     output = tmp_path_factory.mktemp("train")
     result = run_script("detection/train.py", "--cfg", DEMO_CFG, "--data-path", digits_root, "--output", output,
                         "--batch-size", 4, "--epochs", 2, "--opts", "SAVE_FREQ", 1, "DET.WARMUP_ITERS", 2, "PRINT_FREQ", 1)
@@ -543,8 +530,8 @@ def trained(digits_root, tmp_path_factory):
     return output
 
 
-def test_training_writes_checkpoints_and_coco_metrics(trained):
-    run_dir = trained / RUN_SUBDIR
+def test_training_writes_checkpoints_and_coco_metrics(detection_run):
+    run_dir = detection_run / RUN_SUBDIR
     for name in ("config.yaml", "log_rank0.txt", "ckpt_epoch_0.pth", "ckpt_epoch_1.pth"):
         assert (run_dir / name).is_file(), sorted(os.listdir(run_dir))
     records = read_metrics(run_dir)
@@ -554,25 +541,25 @@ def test_training_writes_checkpoints_and_coco_metrics(trained):
     assert "Evaluate annotation type *segm*" in log and "Train: [1/2][3/4]" in log
 
 
-def test_auto_resume_continues_exactly(trained, digits_root, tmp_path):
+def test_auto_resume_continues_exactly(detection_run, digits_root, tmp_path):
     """A run stopped after epoch 0 and restarted ends with the same weights as the straight run."""
     output = tmp_path / "out"
-    shutil.copytree(trained, output)
+    shutil.copytree(detection_run, output)
     run_dir = output / RUN_SUBDIR
     os.remove(run_dir / "ckpt_epoch_1.pth")
     result = run_script("detection/train.py", "--cfg", DEMO_CFG, "--data-path", digits_root, "--output", output,
                         "--batch-size", 4, "--epochs", 2, "--opts", "SAVE_FREQ", 1, "DET.WARMUP_ITERS", 2, "PRINT_FREQ", 1)
     assert result.returncode == 0, explain(result)
     assert "resuming training at epoch 1" in result.stdout and "Train: [0/2]" not in result.stdout
-    straight = torch.load(trained / RUN_SUBDIR / "ckpt_epoch_1.pth", map_location="cpu", weights_only=True)
+    straight = torch.load(detection_run / RUN_SUBDIR / "ckpt_epoch_1.pth", map_location="cpu", weights_only=True)
     resumed = torch.load(run_dir / "ckpt_epoch_1.pth", map_location="cpu", weights_only=True)
     for key, value in straight["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
-    assert read_metrics(run_dir)[-1] == read_metrics(trained / RUN_SUBDIR)[-1]
+    assert read_metrics(run_dir)[-1] == read_metrics(detection_run / RUN_SUBDIR)[-1]
 
 
-def test_two_rank_gloo_evaluation_equals_one_rank(trained, digits_root, tmp_path):
-    checkpoint = trained / RUN_SUBDIR / "ckpt_epoch_1.pth"
+def test_two_rank_gloo_evaluation_equals_one_rank(detection_run, digits_root, tmp_path):
+    checkpoint = detection_run / RUN_SUBDIR / "ckpt_epoch_1.pth"
     common = ["--cfg", DEMO_CFG, "--data-path", digits_root, "--checkpoint", checkpoint, "--batch-size", 1,
               "--opts", "DET.SCORE_THRESH", 0.0]
     one = run_script("detection/test.py", *common, "--output", tmp_path / "one")
@@ -627,11 +614,11 @@ def test_bad_inputs_give_one_line_and_exit_2(digits_root, tmp_path):
         engine.dataset_root(demo_config("DATA.DATASET", "imagenet"))
 
 
-def test_predict_draws_detections_on_one_image(trained, digits_root, tmp_path):
+def test_predict_draws_detections_on_one_image(detection_run, digits_root, tmp_path):
     out = tmp_path / "drawn.png"
     image = os.path.join(digits_root, "val2017", "000001.png")
     result = run_script("detection/predict.py", "--cfg", DEMO_CFG, "--data-path", digits_root, "--checkpoint",
-                        trained / RUN_SUBDIR / "ckpt_epoch_1.pth", "--image", image, "--out", out, "--score", 0.0)
+                        detection_run / RUN_SUBDIR / "ckpt_epoch_1.pth", "--image", image, "--out", out, "--score", 0.0)
     assert result.returncode == 0, explain(result)
     drawn_count = int(re.search(r"(\d+) detections drawn to ", result.stdout).group(1))
     from PIL import Image

@@ -293,6 +293,10 @@ def test_any_input_size_logits_and_pyramid_strides(height, width):
     for stage, (stride, feature) in enumerate(zip((4, 8, 16, 32), maps)):
         assert feature.shape == (1, 64 * 2 ** stage, height // stride, width // stride)
         assert torch.isfinite(feature).all()
+    # the logits are the head on the normalised last map, averaged over its positions
+    tokens = torch.nn.functional.layer_norm(maps[-1].flatten(2).transpose(1, 2), (512,), model.norm.weight,
+                                            model.norm.bias, model.norm.eps)
+    torch.testing.assert_close(logits, model.head(tokens.mean(1)), rtol=0, atol=1e-5)
 
 
 def test_fully_padded_groups_give_no_nan_forward_or_backward():

@@ -1,15 +1,18 @@
-"""optimizer.py, lr_scheduler.py and logger.py: parameter groups, LR curves, log files."""
+"""optimizer.py, lr_scheduler.py and logger.py: parameter groups, fused AdamW on CUDA only, LR curves,
+log files, metrics.jsonl after a replay."""
 from __future__ import annotations
 
 import json
 import logging
 import math
+import os
 
 import pytest
 import torch
 from torch import nn
 
-from config import UserError, get_default_config
+from config import UserError, get_default_config, load_config
+from conftest import DEMO_CFG, ROOT
 from logger import JsonLinesWriter, NullScalarWriter, create_logger, create_scalar_writer
 from lr_scheduler import build_scheduler
 from optimizer import build_optimizer
@@ -295,3 +298,46 @@ def test_scalar_writer(tmp_path):
         assert isinstance(writer, NullScalarWriter)
     else:
         assert any((tmp_path / "tensorboard").iterdir())
+
+
+# ----------------------------------------------------------------------------- fused AdamW on CUDA
+def test_all_on_cuda_needs_every_parameter_there():
+    from types import SimpleNamespace
+
+    from optimizer import all_on_cuda
+
+    cuda, cpu = SimpleNamespace(device=torch.device("cuda", 0)), torch.nn.Parameter(torch.zeros(1))
+    assert all_on_cuda([{"params": [cuda]}, {"params": [cuda]}])
+    assert not all_on_cuda([{"params": [cuda]}, {"params": [cpu]}])
+    assert not all_on_cuda([{"params": [cpu]}])
+    assert not all_on_cuda([])
+
+
+@pytest.mark.parametrize("on_cuda", [True, False])
+def test_adamw_is_fused_exactly_when_the_model_is_on_cuda(monkeypatch, on_cuda):
+    """build_optimizer follows all_on_cuda (faked here: fused AdamW also runs on a CPU in
+    current torch, so the optimizer can be built and stepped); CPU models keep torch's default."""
+    import optimizer
+    from models import build_model
+
+    monkeypatch.setattr(optimizer, "all_on_cuda", lambda groups: on_cuda)
+    config = load_config(os.path.join(ROOT, DEMO_CFG))
+    model = build_model(config)
+    adamw = optimizer.build_optimizer(config, model)
+    assert isinstance(adamw, torch.optim.AdamW)
+    assert adamw.defaults["fused"] is (True if on_cuda else None)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    before = model.head.weight.detach().clone()
+    adamw.step()
+    assert not torch.equal(model.head.weight, before)
+
+
+# ----------------------------------------------------------------------------- metrics.jsonl
+def test_metrics_keep_before_drops_replayed_and_cut_lines(tmp_path):
+    writer = JsonLinesWriter(str(tmp_path))
+    for epoch in range(3):
+        writer.write({"epoch": epoch, "acc1": float(epoch)})
+    with open(writer.path, "a") as f:
+        f.write('{"epoch": 3, "ac')  # a kill in the middle of a line
+    writer.keep_before("epoch", 2)
+    assert [json.loads(line) for line in open(writer.path)] == [{"epoch": 0, "acc1": 0.0}, {"epoch": 1, "acc1": 1.0}]

@@ -67,12 +67,25 @@ def test_group_sizes_of_the_paper_model_at_224():
 
 @pytest.mark.parametrize("name", OPTIONS)
 def test_option_runs_at_other_input_sizes(name, tmp_path):
-    model, fixture = fixture_model(name, tmp_path)
+    """The official code runs only at its configured size; at others (padded groups, maps smaller
+    than a group, other CPE heights) the evaluation path (position biases kept, no autograd) gives
+    the logits of the training path (biases computed, the space-to-depth patch convolution,
+    autograd on), of the FX graph, and of each image alone. (torch.fx cannot trace the CPE, whose
+    weights are resized to the map's height in Python.)"""
+    model, fixture = fixture_model(name, tmp_path, ["MODEL.DROP_PATH_RATE", 0.0])
     model.load_state_dict(fixture["model"], strict=True)
-    with torch.no_grad():
-        for size in [(96, 160), (200, 72)]:
-            logits = model(torch.randn(1, 3, *size))
-            assert logits.shape == (1, 10) and torch.isfinite(logits).all()
+    graph = model if name == "pp_cpe_micro" else torch.fx.symbolic_trace(model)
+    for size in [(96, 160), (200, 72)]:
+        x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(size[0]))
+        with torch.no_grad():
+            logits = model.eval()(x)
+            traced = graph(x)
+            alone = torch.cat([model(image[None]) for image in x])
+        training = model.train()(x)
+        assert logits.shape == (2, 10) and torch.isfinite(logits).all()
+        for other in (training.detach(), traced, alone):
+            torch.testing.assert_close(other, logits, rtol=0, atol=1e-5)
+        assert (logits[0] - logits[1]).abs().max() > 1e-3  # two images, two answers
 
 
 def test_adaptive_interval_follows_the_map_at_run_time(tmp_path):

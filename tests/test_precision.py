@@ -1,5 +1,6 @@
-"""Fast defaults (issue 12): the automatic AMP dtype per device capability (mocked), explicit
-dtypes, O0, a bad AMP_DTYPE (exit 2), and a default-precision run of main.py in this process."""
+"""runtime.Precision: the automatic AMP dtype per device capability (mocked), explicit dtypes and
+opt levels on the CPU, O0, a bad AMP_DTYPE (exit 2), and a default-precision run of main.py in this
+process."""
 from __future__ import annotations
 
 import os
@@ -11,6 +12,7 @@ import torch
 import main
 import runtime
 from config import UserError, load_config
+from conftest import run_in_process
 from runtime import DeviceFeatures, Precision
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,6 +86,21 @@ def test_explicit_bfloat16_is_kept_on_any_cpu(features, found):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("level, dtype, enabled", [("O1", "bfloat16", True), ("O1", "float16", True),
+                                                   ("O0", "bfloat16", False), ("O2", "bfloat16", True)])
+@pytest.mark.filterwarnings("ignore:AMP_DTYPE float16")  # float16 on a CPU: honoured, with a warning
+def test_precision_on_cpu(level, dtype, enabled):
+    config = load_config(DEMO_CFG, ["AMP_OPT_LEVEL", level, "AMP_DTYPE", dtype])
+    precision = runtime.Precision(config, torch.device("cpu"))
+    expected = getattr(torch, dtype) if enabled else torch.float32
+    assert precision.enabled is enabled
+    assert precision.dtype == expected
+    assert precision.scaler.is_enabled() is (expected == torch.float16)  # float16 autocast needs the scaler
+    with precision.autocast():
+        product = torch.ones(2, 2) @ torch.ones(2, 2)
+    assert product.dtype == expected
+
+
 def test_explicit_float16_on_a_cpu_is_honoured_with_a_warning(features):
     """It used to run float32 without a word; now it runs what was asked, says it is slow, and
     scales the loss as float16 needs."""
@@ -121,13 +138,6 @@ def test_probe_reads_this_cpu():
 def test_bad_amp_dtype_is_a_user_error():
     with pytest.raises(UserError, match=r"^AMP_DTYPE must be one of auto, bfloat16, float16, got 'float8'$"):
         precision("cpu", "AMP_DTYPE", "float8")
-
-
-def run_in_process(argv: list, capsys) -> tuple[int, list[str], str]:
-    capsys.readouterr()
-    code = main.run([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.err.strip().splitlines(), captured.out
 
 
 FAKE_DATA = ["--cfg", DEMO_CFG, "--num_workers", 0, "--batch-size", 16, "--opts", "DATA.DATASET", "fake",
@@ -168,35 +178,3 @@ def test_default_precision_trains_and_says_what_it_chose(features, monkeypatch, 
     assert set(logits_types) == {torch.bfloat16 if bf16 else torch.float32}
     checkpoint = torch.load(tmp_path / "cros_demo_digits" / "default" / "ckpt_epoch_0.pth", weights_only=True)
     assert all(t.dtype == torch.float32 for t in checkpoint["model"].values() if t.is_floating_point())
-
-
-# ----------------------------------------------------------------------------- fused AdamW on CUDA
-def test_all_on_cuda_needs_every_parameter_there():
-    from types import SimpleNamespace
-
-    from optimizer import all_on_cuda
-
-    cuda, cpu = SimpleNamespace(device=torch.device("cuda", 0)), torch.nn.Parameter(torch.zeros(1))
-    assert all_on_cuda([{"params": [cuda]}, {"params": [cuda]}])
-    assert not all_on_cuda([{"params": [cuda]}, {"params": [cpu]}])
-    assert not all_on_cuda([{"params": [cpu]}])
-    assert not all_on_cuda([])
-
-
-@pytest.mark.parametrize("on_cuda", [True, False])
-def test_adamw_is_fused_exactly_when_the_model_is_on_cuda(monkeypatch, on_cuda):
-    """build_optimizer follows all_on_cuda (faked here: fused AdamW also runs on a CPU in
-    current torch, so the optimizer can be built and stepped); CPU models keep torch's default."""
-    import optimizer
-    from models import build_model
-
-    monkeypatch.setattr(optimizer, "all_on_cuda", lambda groups: on_cuda)
-    config = load_config(DEMO_CFG)
-    model = build_model(config)
-    adamw = optimizer.build_optimizer(config, model)
-    assert isinstance(adamw, torch.optim.AdamW)
-    assert adamw.defaults["fused"] is (True if on_cuda else None)
-    model(torch.randn(2, 3, 32, 32)).sum().backward()
-    before = model.head.weight.detach().clone()
-    adamw.step()
-    assert not torch.equal(model.head.weight, before)

@@ -14,7 +14,7 @@ from timm.optim import param_groups_layer_decay
 import timm
 import crossformer
 from crossformer.timm_models import MODELS, TOP1
-from test_train import accuracies, check_ok, load_ckpt, run_main
+from conftest import accuracies, check_ok, load_ckpt, run_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -137,10 +137,26 @@ def test_fx_and_feature_extractors_follow_the_input_size(name):
 
 
 def test_fx_backward():
-    graph = torch.fx.symbolic_trace(tiny(num_classes=7).train())
-    out = graph(torch.randn(2, 3, 64, 96))
-    out.mean().backward()
-    assert out.shape == (2, 7) and all(p.grad is not None for p in graph.parameters())
+    """The traced graph in training mode (drop path included, drawn from the same seed) gives the
+    eager outputs and gradients."""
+    model = tiny(num_classes=7, drop_path_rate=0.2).train()
+    graph = torch.fx.symbolic_trace(model)
+    x = torch.randn(2, 3, 64, 96)
+    results = []
+    for module in (graph, model):
+        module.zero_grad()
+        torch.manual_seed(1)
+        out = module(x)
+        out.square().mean().backward()
+        grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+        results.append((out.detach(), grads))
+    (traced, traced_grads), (eager, eager_grads) = results
+    assert traced.shape == (2, 7) and set(traced_grads) == {n for n, _ in model.named_parameters()}
+    torch.testing.assert_close(traced, eager, rtol=0, atol=1e-6)
+    assert traced_grads.keys() == eager_grads.keys()
+    for name, grad in traced_grads.items():
+        torch.testing.assert_close(grad, eager_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert any(g.abs().max() > 1e-4 for g in eager_grads.values())  # not a comparison of zeros
 
 
 # timm's own FX tests (tests/test_models.py of pytorch-image-models: test_model_forward_fx and
@@ -312,10 +328,24 @@ def test_hub_local_source(tmp_path):
 # ----------------------------------------------------------------------------- segmentation_models_pytorch
 @pytest.mark.parametrize("architecture", ["UPerNet", "FPN"])
 def test_smp_decoders_on_the_tu_encoder(architecture):
+    """smp's encoder gives CrossFormer's stage maps (those of the same weights in our model) at
+    strides 4 to 32, and its decoder and head run on exactly those maps."""
     smp = pytest.importorskip("segmentation_models_pytorch")
     model = getattr(smp, architecture)("tu-crossformer_tiny_patch4_group7_224", encoder_weights=None, classes=5).eval()
+    ours = timm.create_model("crossformer_tiny_patch4_group7_224", num_classes=0).eval()
+    loaded = ours.load_state_dict(model.encoder.model.model.state_dict(), strict=False)
+    assert not loaded.unexpected_keys and all(key.startswith("norm.") for key in loaded.missing_keys)
+    x = torch.randn(1, 3, 256, 320)
     with torch.no_grad():
-        out = model(torch.randn(1, 3, 256, 320))
+        out = model(x)
+        features = model.encoder(x)
+        maps = ours.forward_intermediates(x, intermediates_only=True)
+        assert len(features) == 2 + len(maps) and features[1].shape[1] == 0  # the input, an empty stride-2 level
+        for stride, feature, expected in zip((4, 8, 16, 32), features[2:], maps):
+            assert feature.shape[-2:] == (256 // stride, 320 // stride)
+            torch.testing.assert_close(feature, expected, rtol=0, atol=0)
+        decoded = model.segmentation_head(model.decoder([x, features[1], *maps]))
+        torch.testing.assert_close(out, decoded, rtol=0, atol=0)
     assert out.shape == (1, 5, 256, 320) and torch.isfinite(out).all()
 
 
