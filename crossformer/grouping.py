@@ -118,10 +118,16 @@ def group_layout(H: int, W: int, group_size: int, interval: int, lda: bool, grou
         interval = (maximum(H, W) + group_size - 1) // group_size
     smallest, largest = minimum(H, W), maximum(H, W)
     # The rule for a map whose short side is <= G changes nothing for a map of exactly G x G that
-    # the normal layout makes one G x G group too (interval 1). It is asked as one expression that
-    # is False there as it is for larger maps, so that export and compile, which guard on the
-    # answer, keep one graph for both.
-    if (smallest < group_size) | ((smallest <= group_size) & ((largest > group_size) | (interval > 1))):
+    # the normal layout makes one G x G group too (interval 1), so it applies when the short side is
+    # below G, or equal to G with a longer long side or an interval above 1. That is asked as a
+    # single comparison, False at G x G as for larger maps: export and compile guard on the answer
+    # (one graph for both), and inductor's compile cache re-checks a compound guard part by part,
+    # which would pin a graph compiled at G x G to short sides <= G.
+    if adaptive_interval or interval == 1:  # an adaptive interval is above 1 exactly when the long side is above G
+        beyond = minimum(largest, group_size + 1) - minimum(largest, group_size)  # 1 if largest > G, else 0
+    else:
+        beyond = 1
+    if smallest < group_size + beyond:
         side = smallest if grouping == "crossformer" else largest
         return _padded_layout(H, W, side, side, 1, pad_type)
     if lda and grouping == "crossformer":

@@ -27,12 +27,13 @@ SIZES = ((64, 64), (96, 80), (112, 80))
 
 
 @pytest.fixture(autouse=True)
-def fresh_dynamo(monkeypatch):
-    """One thread, a clean compile cache and graph counters, and the process-wide tracing
-    settings that compile_model changes put back afterwards."""
+def fresh_dynamo(monkeypatch, tmp_path):
+    """One thread, clean compile caches (dynamo's, and an empty directory for inductor's) and graph
+    counters, and the process-wide tracing settings that compile_model changes put back afterwards."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     # torch's own patch context: monkeypatch would undo a config option with delattr (pytest 9.2),
     # which torch's config module then reports as removed for the rest of the session
     shapes_config = torch.fx.experimental._config
@@ -78,7 +79,14 @@ def test_compiled_crossformer_pp_layout_equals_eager_at_every_size_from_one_grap
 
 @pytest.mark.slow
 def test_inductor_compiled_forward_equals_eager_at_every_size_from_one_graph():
+    """Compiled, then again in a new compile that loads the graph from inductor's cache: the
+    cached graph keeps the guards of the compiled one."""
     check_one_graph_for_all_sizes("inductor", sizes=SIZES[:2])
+    assert counters["inductor"]["fxgraph_cache_hit"] == 0
+    torch._dynamo.reset()
+    counters.clear()
+    check_one_graph_for_all_sizes("inductor", sizes=SIZES[:2])
+    assert counters["inductor"]["fxgraph_cache_hit"] == 1
 
 
 @pytest.mark.slow
