@@ -55,7 +55,8 @@ def _cfg(name: str) -> dict[str, Any]:
     patch_size, depths = _setting(name, "patch_size"), _setting(name, "depths")
     last_map = size // patch_size[0] // 2 ** (len(depths) - 1)
     return dict(
-        url="", num_classes=_setting(name, "num_classes"), input_size=(3, size, size), pool_size=(last_map, last_map), crop_pct=0.875,
+        url="", num_classes=_setting(name, "num_classes"), input_size=(3, size, size),
+        pool_size=(last_map, last_map), crop_pct=0.875,
         interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
         first_conv=tuple(f"patch_embed.projs.{i}" for i in range(len(patch_size))), classifier="head",
         license="mit", notes=(f"ImageNet-1K top-1 {TOP1[name]} (paper); no hosted weights, load a file with "
